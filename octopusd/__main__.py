@@ -1,0 +1,5 @@
+import sys
+
+from octopusd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,322 @@
+"""The server daemon: performs the effects of the server round state machine.
+
+It owns the MQTT link, the S3 store, the global model and the aggregator. A reader task turns
+MQTT messages into machine events (dropping malformed, foreign and spoofed ones with a log line);
+one consumer feeds events to the machine and performs the returned effects in order. Payload
+downloads run as tasks; hashing, decoding, aggregation and evaluation run in worker threads so
+the loop keeps serving MQTT.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+import torch
+
+from octopusd import codec
+from octopusd.config import Config
+from octopusd.envelope import Envelope, MsgType, PayloadRef, decode_envelope, encode_envelope
+from octopusd.errors import EnvelopeError, ExitCode, OctopusError, WireError
+from octopusd.payload import decode_payload, fetch_payload, publish_payload
+from octopusd.plugins import PluginManager, load_plugins
+from octopusd.runtime import DaemonExit, Shutdown, Timers
+from octopusd.server.checkpoint import Checkpointer
+from octopusd.server.machine import Effect, Ev, Event, ServerMachine
+from octopusd.transport import s3 as s3keys, topics
+from octopusd.transport.mqtt import Incoming, MqttLink
+from octopusd.transport.s3 import PayloadStore
+
+log = structlog.get_logger("octopusd.server")
+MAX_ENVELOPE = 16 * 2**20
+
+
+class ServerDaemon:
+    def __init__(self, cfg: Config, *, plugins: PluginManager | None = None,
+                 shutdown: Shutdown | None = None) -> None:
+        self.cfg = cfg
+        self.pm = plugins or load_plugins(cfg.plugin_dirs)
+        # Resolve every plugin name now: an unknown name fails start-up, listing known names.
+        self.aggregator = self.pm.aggregator(cfg.train.federated_optimizer)(cfg)
+        self.dataset = self.pm.dataset(cfg.data.dataset)(cfg)
+        self.model = self._initial_model()
+        self.global_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.layout = codec.layout(self.global_state)
+        self.max_payload = 4 * codec.encoded_size(self.global_state) + 2**20
+        self.shutdown = shutdown or Shutdown()
+        self.machine = ServerMachine(
+            silos_total=cfg.train.client_num_in_total, per_round=cfg.train.client_num_per_round,
+            comm_round=cfg.train.comm_round, min_silos=cfg.train.min_silos_per_round,
+            eval_every=cfg.validation.frequency_of_the_test, deadline_s=cfg.train.round_deadline_s,
+            give_up_s=cfg.train.round_give_up_s, wait_timeout_s=cfg.train.silo_wait_timeout_s,
+            seed=cfg.common.random_seed)
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.announced: dict[tuple[int, int], Envelope] = {}
+        self.verified: dict[int, tuple[dict[str, torch.Tensor], Envelope]] = {}
+        self.round_stats: dict[int, dict[str, Any]] = {}
+        self.round_started = 0.0
+        self.checkpointer = Checkpointer(cfg)
+        self.run_dir = cfg.run_dir
+        self._test_set: Any = None
+
+    def _initial_model(self) -> torch.nn.Module:
+        torch.manual_seed(self.cfg.common.random_seed)
+        return self.pm.model(self.cfg.model.model)(self.cfg, self.dataset.output_dim)
+
+    # -- messages -----------------------------------------------------------------------------
+    def _envelope(self, type_: MsgType, round_: int, body: dict[str, Any]) -> bytes:
+        return encode_envelope(Envelope(type=type_, run_id=self.cfg.run_id, round=round_, sender=0, body=body))
+
+    def _to_event(self, msg: Incoming) -> Event | None:
+        parsed = topics.parse_silo_topic(self.cfg.run_id, msg.topic)
+        if parsed is None or not msg.payload:
+            return None
+        kind, rank = parsed
+        try:
+            env = decode_envelope(msg.payload, max_bytes=MAX_ENVELOPE)
+        except EnvelopeError as exc:
+            log.warning("message_rejected", topic=msg.topic, reason=str(exc))
+            return None
+        if env.run_id != self.cfg.run_id or env.sender != rank:
+            log.warning("message_rejected", topic=msg.topic, reason="run_id or sender does not match topic",
+                        sender=env.sender, run_id=env.run_id)
+            return None
+        if kind == "status" and env.type is MsgType.STATUS:
+            online = env.body["state"] == "online"
+            return Event(Ev.SILO_ONLINE if online else Ev.SILO_OFFLINE, rank=rank)
+        if kind == "update" and env.type is MsgType.UPDATE:
+            self.announced[(rank, env.round)] = env
+            return Event(Ev.UPDATE_RECEIVED, rank=rank, round=env.round, name=env.msg_id)
+        log.warning("message_rejected", topic=msg.topic, reason=f"{env.type.value} not expected on this topic")
+        return None
+
+    async def _reader(self, link: MqttLink) -> None:
+        while True:
+            msg = await link.incoming.get()
+            try:
+                event = self._to_event(msg)
+            except Exception as exc:  # never let a network message kill the daemon
+                log.error("message_handler_error", topic=msg.topic, error=repr(exc))
+                continue
+            if event is not None:
+                self.queue.put_nowait(event)
+
+    # -- effects ------------------------------------------------------------------------------
+    async def _publish_global(self, fx: Effect) -> Event:
+        r, selected = fx.args["round"], fx.args["selected"]
+        self.round_started = time.monotonic()
+        data = await asyncio.to_thread(codec.encode_state, self.global_state)
+        ref = await publish_payload(self.store, s3keys.global_key(self.cfg.run_id, r), data,
+                                    self.cfg.comm.inline_payload_max_bytes)
+        await asyncio.to_thread(self.aggregator.begin_round, self.global_state, r)
+        self.round_stats[r] = {"silos": [], "num_samples": 0, "loss_sum": 0.0}
+        body = {"selected": list(selected), "payload": ref, "deadline_s": self.cfg.train.round_deadline_s}
+        await self.link.publish(topics.broadcast(self.cfg.run_id), self._envelope(MsgType.ROUND_START, r, body),
+                                retain=True)
+        log.info("round_started", round=r, selected=list(selected), payload_bytes=ref.size,
+                 inline=ref.inline is not None)
+        return Event(Ev.GLOBAL_PUBLISHED, round=r)
+
+    async def _fetch_update(self, rank: int, round_: int) -> None:
+        env = self.announced.pop((rank, round_), None)
+        try:
+            if env is None:
+                raise WireError("announcement vanished")
+            ref = env.body["payload"]
+            data = await fetch_payload(self.store, ref, max_bytes=self.max_payload)
+            state = await decode_payload(data, self.layout, self.max_payload)
+        except (OctopusError, KeyError) as exc:
+            log.warning("update_rejected", silo=rank, round=round_, reason=str(exc))
+            self.queue.put_nowait(Event(Ev.UPDATE_REJECTED, rank=rank, round=round_, detail=str(exc)))
+            return
+        self.verified[rank] = (state, env)
+        self.queue.put_nowait(Event(Ev.UPDATE_VERIFIED, rank=rank, round=round_))
+
+    async def _fold(self, rank: int, round_: int) -> None:
+        state, env = self.verified.pop(rank)
+        n = int(env.body["num_samples"])
+        await asyncio.to_thread(self.aggregator.accumulate, state, n, rank)
+        stats = self.round_stats[round_]
+        stats["silos"].append(rank)
+        stats["num_samples"] += n
+        loss = env.body.get("train_loss")
+        if isinstance(loss, float) and loss == loss:
+            stats["loss_sum"] += loss * n
+        log.info("update_folded", silo=rank, round=round_, num_samples=n)
+
+    async def _aggregate(self, fx: Effect) -> Event:
+        new_state = await asyncio.to_thread(self.aggregator.finish_round)
+        self.global_state = {k: v.contiguous() for k, v in new_state.items()}
+        return Event(Ev.AGGREGATED, round=fx.args["round"])
+
+    def _evaluate_sync(self) -> tuple[float, float]:
+        if self._test_set is None:
+            self._test_set = self.dataset.test_set()
+        self.model.load_state_dict(self.global_state)
+        self.model.eval()
+        loader = torch.utils.data.DataLoader(self._test_set, batch_size=1024)
+        correct, loss, n = 0, 0.0, 0
+        loss_fn = torch.nn.CrossEntropyLoss(reduction="sum")
+        with torch.no_grad():
+            for x, y in loader:
+                out = self.model(x)
+                loss += float(loss_fn(out, y))
+                correct += int((out.argmax(1) == y).sum())
+                n += len(y)
+        return correct / max(n, 1), loss / max(n, 1)
+
+    async def _evaluate(self, fx: Effect) -> Event:
+        r = fx.args["round"]
+        acc, loss = await asyncio.to_thread(self._evaluate_sync)
+        stats = self.round_stats.pop(r, {"silos": [], "num_samples": 0, "loss_sum": 0.0})
+        record = {"round": r, "test_acc": acc, "test_loss": loss, "silos": sorted(stats["silos"]),
+                  "num_samples": stats["num_samples"],
+                  "train_loss": stats["loss_sum"] / stats["num_samples"] if stats["num_samples"] else None,
+                  "round_seconds": round(time.monotonic() - self.round_started, 4),
+                  "time": time.time()}
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        log.info("round_complete", round=r, rounds=self.cfg.train.comm_round, test_acc=round(acc, 4),
+                 test_loss=round(loss, 4), silos=record["silos"], round_seconds=record["round_seconds"])
+        return Event(Ev.EVALUATED, round=r)
+
+    async def _checkpoint(self, fx: Effect) -> Event:
+        r = fx.args["round"]
+        await self.checkpointer.save(self.store, r, self.global_state, self.aggregator.state_dict(),
+                                     sorted(self.machine.online))
+        # Payloads of a closed round are no longer needed (moto keeps everything in memory).
+        keys = [s3keys.global_key(self.cfg.run_id, r)] + [
+            s3keys.update_key(self.cfg.run_id, r, k) for k in range(1, self.cfg.train.client_num_in_total + 1)]
+        with contextlib.suppress(OctopusError):
+            await self.store.delete(keys)
+        return Event(Ev.CHECKPOINTED, round=r)
+
+    async def _publish_finish(self, reason: str) -> None:
+        final = self.run_dir / "final_model.octt"
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        data = await asyncio.to_thread(codec.encode_state, self.global_state)
+        tmp = final.with_suffix(".tmp")
+        await asyncio.to_thread(tmp.write_bytes, data)
+        os.replace(tmp, final)
+        await self.link.publish(topics.broadcast(self.cfg.run_id),
+                                self._envelope(MsgType.FINISH, self.machine.round, {"reason": reason}),
+                                retain=True)
+        log.info("run_finished", reason=reason, final_model=str(final))
+
+    async def _perform(self, fx: Effect) -> Event | None:
+        k, a = fx.kind, fx.args
+        if k == "set_timer":
+            self.timers.set(a["name"], a["delay"], Event(Ev.TIMER, name=a["name"], round=a["round"]))
+        elif k == "cancel_timer":
+            self.timers.cancel(a["name"])
+        elif k in ("log", "drop"):
+            (log.info if k == "log" else log.debug)(a.get("msg", "event_dropped"),
+                                                   **{x: y for x, y in a.items() if x != "msg"})
+        elif k == "publish_global":
+            return await self._publish_global(fx)
+        elif k == "fetch_update":
+            self.tasks.add(asyncio.create_task(self._fetch_update(a["rank"], a["round"])))
+        elif k == "fold_update":
+            await self._fold(a["rank"], a["round"])
+        elif k == "aggregate":
+            return await self._aggregate(fx)
+        elif k == "evaluate":
+            return await self._evaluate(fx)
+        elif k == "checkpoint":
+            return await self._checkpoint(fx)
+        elif k == "publish_finish":
+            await self._publish_finish(a["reason"])
+            return Event(Ev.FINISHED)
+        elif k == "fail":
+            log.error("run_failed", reason=a["reason"], exit_code=a["code"])
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(10):
+                    await self._publish_finish(f"failed: {a['reason']}")
+            raise DaemonExit(a["code"], a["reason"])
+        elif k == "exit":
+            raise DaemonExit(a["code"], a.get("reason", ""))
+        else:
+            raise OctopusError(f"server: unknown effect {k}")
+        return None
+
+    async def _dispatch(self, event: Event) -> None:
+        pending = [event]
+        while pending:
+            for fx in self.machine.handle(pending.pop(0)):
+                follow = await self._perform(fx)
+                if follow is not None:
+                    pending.append(follow)
+
+    async def _consume(self, start_round: int) -> None:
+        try:
+            if start_round >= self.cfg.train.comm_round:
+                log.info("run_already_complete", rounds=self.cfg.train.comm_round)
+                await self._publish_finish("completed")
+                raise DaemonExit(int(ExitCode.OK), "already complete")
+            for fx in self.machine.start(start_round):
+                await self._perform(fx)
+            while True:
+                await self._dispatch(await self.queue.get())
+        except DaemonExit:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(5):
+                    await self.link.publish(topics.server_status(self.cfg.run_id),
+                                            self._envelope(MsgType.STATUS, -1, {"state": "offline"}), retain=True)
+            raise
+
+    async def _watch_shutdown(self) -> None:
+        await self.shutdown.event.wait()
+        self.queue.put_nowait(Event(Ev.SHUTDOWN))
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def run(self) -> int:
+        """Serve the federation until it finishes (0) or fails (an ExitCode)."""
+        cfg = self.cfg
+        self.timers = Timers(self.queue.put_nowait)
+        self.tasks: set[asyncio.Task[Any]] = set()
+        status = topics.server_status(cfg.run_id)
+        offline = self._envelope(MsgType.STATUS, -1, {"state": "offline"})
+
+        async def on_connect() -> None:
+            await self.link.publish(status, self._envelope(MsgType.STATUS, -1, {"state": "online"}), retain=True)
+
+        self.link = MqttLink(cfg.comm.mqtt, f"octopusd-{cfg.run_id}-server", will=(status, offline),
+                             subscriptions=topics.silo_wildcards(cfg.run_id), on_connect=on_connect)
+        structlog.contextvars.bind_contextvars(run_id=cfg.run_id, role="server")
+        async with PayloadStore(cfg.comm.s3) as self.store:
+            await self.store.ensure_bucket()
+            start_round = await self.checkpointer.resume_round(self.store, self)
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(self.link.run(), name="mqtt")
+                    await self._wait_connected()
+                    if start_round == 0:
+                        # A fresh run: clear what a previous run of this id left retained.
+                        await self.link.publish(topics.broadcast(cfg.run_id), b"", retain=True)
+                    log.info("server_ready", run_id=cfg.run_id, rounds=cfg.train.comm_round,
+                             start_round=start_round, silos=cfg.train.client_num_in_total,
+                             dataset_source=getattr(self.dataset, "source", cfg.data.dataset))
+                    tg.create_task(self._reader(self.link), name="reader")
+                    tg.create_task(self._watch_shutdown(), name="shutdown")
+                    tg.create_task(self._consume(start_round), name="rounds")
+            except BaseExceptionGroup as group:
+                return await self._finish(group)
+        return int(ExitCode.OK)
+
+    async def _wait_connected(self) -> None:
+        await self.link.ever_connected.wait()
+
+    async def _finish(self, group: BaseExceptionGroup) -> int:
+        exits = [e for e in group.exceptions if isinstance(e, DaemonExit)]
+        self.timers.cancel_all()
+        for t in self.tasks:
+            t.cancel()
+        if not exits:
+            raise group
+        return exits[0].code

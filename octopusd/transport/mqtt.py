@@ -1,0 +1,129 @@
+"""The MQTT link of a daemon: one persistent-session connection that survives broker restarts.
+
+The link owns the aiomqtt client. It connects with a last-will, QoS 1 subscriptions and a
+persistent session (``clean_session=False`` with a stable client id) so messages published while
+we were away are delivered on reconnect; it reconnects with jittered exponential backoff; and
+:meth:`MqttLink.publish` waits for a connection and retries across reconnects, so a publish is
+never lost to a short outage (receivers drop duplicates by message id). Incoming messages are put
+on :attr:`MqttLink.incoming` for the daemon's reader.
+"""
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+import aiomqtt
+import structlog
+
+from octopusd.config import MqttConfig
+from octopusd.errors import BrokerUnreachableError
+
+log = structlog.get_logger(__name__)
+
+QOS = 1
+
+
+@dataclass(frozen=True)
+class Incoming:
+    topic: str
+    payload: bytes
+    retain: bool
+
+
+class MqttLink:
+    def __init__(self, cfg: MqttConfig, client_id: str, *, will: tuple[str, bytes] | None,
+                 subscriptions: list[str], on_connect: Callable[[], Awaitable[None]] | None = None,
+                 first_connect_timeout_s: float = 30.0, max_backoff_s: float = 10.0) -> None:
+        self.cfg = cfg
+        self.client_id = client_id
+        self.will = will
+        self.subscriptions = subscriptions
+        self.on_connect = on_connect
+        self.first_connect_timeout_s = first_connect_timeout_s
+        self.max_backoff_s = max_backoff_s
+        self.incoming: asyncio.Queue[Incoming] = asyncio.Queue()
+        self.connected = asyncio.Event()
+        self.ever_connected = asyncio.Event()
+        self._client: aiomqtt.Client | None = None
+        self._generation = 0
+        self._changed = asyncio.Condition()
+        self._closing = False
+
+    def _make_client(self) -> aiomqtt.Client:
+        will = aiomqtt.Will(self.will[0], self.will[1], qos=QOS, retain=True) if self.will else None
+        return aiomqtt.Client(
+            self.cfg.host, self.cfg.port, username=self.cfg.user, password=self.cfg.password,
+            identifier=self.client_id, clean_session=False, keepalive=self.cfg.keepalive,
+            will=will, protocol=aiomqtt.ProtocolVersion.V311, timeout=10,
+            # Small control messages stall on Nagle + delayed ACK without this (88 ms vs 0.7 ms).
+            socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
+        )
+
+    async def _set_connected(self, client: aiomqtt.Client | None) -> None:
+        async with self._changed:
+            self._client = client
+            self._generation += 1
+            if client is None:
+                self.connected.clear()
+            else:
+                self.connected.set()
+                self.ever_connected.set()
+            self._changed.notify_all()
+
+    async def run(self) -> None:
+        """Connect, subscribe and read until cancelled; reconnect on every failure."""
+        attempt = 0
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        while not self._closing:
+            try:
+                async with self._make_client() as client:
+                    for topic in self.subscriptions:
+                        await client.subscribe(topic, qos=QOS)
+                    attempt = 0
+                    await self._set_connected(client)
+                    log.info("mqtt_connected", host=self.cfg.host, port=self.cfg.port, client_id=self.client_id)
+                    if self.on_connect is not None:
+                        await self.on_connect()
+                    async for message in client.messages:
+                        payload = message.payload if isinstance(message.payload, (bytes, bytearray)) else b""
+                        self.incoming.put_nowait(Incoming(str(message.topic), bytes(payload), bool(message.retain)))
+            except aiomqtt.MqttError as exc:
+                await self._set_connected(None)
+                if self._closing:
+                    return
+                if not self.ever_connected.is_set() and loop.time() - started > self.first_connect_timeout_s:
+                    raise BrokerUnreachableError(
+                        f"MQTT broker {self.cfg.host}:{self.cfg.port} unreachable for "
+                        f"{self.first_connect_timeout_s:.0f} s: {exc}") from exc
+                delay = min(self.max_backoff_s, 0.2 * 2 ** min(attempt, 10)) * random.uniform(0.5, 1.5)
+                attempt += 1
+                log.warning("mqtt_disconnected", error=str(exc), retry_in_s=round(delay, 2))
+                await asyncio.sleep(delay)
+            finally:
+                if self._client is not None and not self._closing:
+                    await self._set_connected(None)
+
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = False,
+                      timeout_s: float | None = None) -> None:
+        """Publish with QoS 1, waiting out disconnections; raises TimeoutError after ``timeout_s``."""
+        async with asyncio.timeout(timeout_s):
+            while True:
+                await self.connected.wait()
+                client, gen = self._client, self._generation
+                if client is None:
+                    continue
+                try:
+                    await client.publish(topic, payload, qos=QOS, retain=retain, timeout=30)
+                    return
+                except aiomqtt.MqttError as exc:
+                    log.info("mqtt_publish_retry", topic=topic, error=str(exc))
+                    async with self._changed:
+                        await self._changed.wait_for(lambda: self._generation != gen)
+
+    async def close(self) -> None:
+        """Stop reconnecting; the caller cancels :meth:`run` afterwards."""
+        self._closing = True

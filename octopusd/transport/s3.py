@@ -1,0 +1,132 @@
+"""Model payloads on S3: deterministic keys, digests, retries with backoff.
+
+Keys: ``<run_id>/round-<r>/global.octt`` (the global model, uploaded once per round) and
+``<run_id>/round-<r>/silo-<n>.octt`` (silo n's update). Objects are written private. Transient
+errors are retried by botocore's standard mode and then by :meth:`PayloadStore._retry` with
+jittered backoff; what still fails raises :class:`~octopusd.errors.StorageError`.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from typing import Any, Awaitable, Callable, TypeVar
+
+import aioboto3
+import structlog
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import BotoCoreError, ClientError
+
+from octopusd.config import S3Config
+from octopusd.errors import StorageError
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+_NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
+
+
+def global_key(run_id: str, round_: int) -> str:
+    return f"{run_id}/round-{round_:06d}/global.octt"
+
+
+def update_key(run_id: str, round_: int, rank: int) -> str:
+    return f"{run_id}/round-{round_:06d}/silo-{rank}.octt"
+
+
+def checkpoint_key(run_id: str) -> str:
+    return f"{run_id}/checkpoint.json"
+
+
+class NotFoundError(StorageError):
+    """The object does not exist."""
+
+
+class PayloadStore:
+    """One long-lived S3 client for a daemon; use as an async context manager."""
+
+    def __init__(self, cfg: S3Config, *, attempts: int = 5, base_delay_s: float = 0.2) -> None:
+        self.cfg = cfg
+        self.bucket = cfg.bucket
+        self.attempts = attempts
+        self.base_delay_s = base_delay_s
+        self._stack = contextlib.AsyncExitStack()
+        self._client: Any = None
+
+    async def __aenter__(self) -> "PayloadStore":
+        session = aioboto3.Session()
+        boto_cfg = BotoConfig(retries={"max_attempts": 3, "mode": "standard"},
+                              connect_timeout=10, read_timeout=60, max_pool_connections=32,
+                              s3={"addressing_style": "path"})
+        self._client = await self._stack.enter_async_context(session.client(
+            "s3", endpoint_url=self.cfg.endpoint_url, region_name=self.cfg.region,
+            aws_access_key_id=self.cfg.access_key, aws_secret_access_key=self.cfg.secret_key,
+            config=boto_cfg))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stack.aclose()
+
+    async def _retry(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return await fn()
+            except ClientError as exc:
+                code = str(exc.response.get("Error", {}).get("Code", ""))
+                if code in _NOT_FOUND:
+                    raise NotFoundError(f"{what}: not found") from exc
+                if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket"):
+                    raise StorageError(f"{what}: {code}") from exc
+                err: Exception = exc
+            except (BotoCoreError, OSError, asyncio.TimeoutError) as exc:
+                err = exc
+            if attempt == self.attempts:
+                raise StorageError(f"{what}: failed after {attempt} attempts: {err}") from err
+            delay = self.base_delay_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)
+            log.warning("s3_retry", what=what, attempt=attempt, error=str(err), retry_in_s=round(delay, 2))
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def ensure_bucket(self) -> None:
+        async def go() -> None:
+            try:
+                await self._client.head_bucket(Bucket=self.bucket)
+            except ClientError as exc:
+                if str(exc.response.get("Error", {}).get("Code")) not in ("404", "NoSuchBucket", "NotFound"):
+                    raise
+                kwargs: dict[str, Any] = {"Bucket": self.bucket}
+                if self.cfg.region and self.cfg.region != "us-east-1":
+                    kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self.cfg.region}
+                with contextlib.suppress(self._client.exceptions.BucketAlreadyOwnedByYou):
+                    await self._client.create_bucket(**kwargs)
+        await self._retry(f"bucket {self.bucket}", go)
+
+    async def put(self, key: str, data: bytes | bytearray | memoryview) -> None:
+        async def go() -> None:
+            await self._client.put_object(Bucket=self.bucket, Key=key, Body=bytes(data) if isinstance(data, memoryview) else data)
+        await self._retry(f"put s3://{self.bucket}/{key}", go)
+
+    async def get(self, key: str, *, max_bytes: int) -> bytes:
+        async def go() -> bytes:
+            resp = await self._client.get_object(Bucket=self.bucket, Key=key)
+            size = int(resp.get("ContentLength") or 0)
+            if size > max_bytes:
+                resp["Body"].close()
+                raise StorageError(f"s3://{self.bucket}/{key}: {size} bytes exceeds the {max_bytes}-byte cap")
+            async with resp["Body"] as body:
+                return await body.read()
+        return await self._retry(f"get s3://{self.bucket}/{key}", go)
+
+    async def delete(self, keys: list[str]) -> None:
+        for start in range(0, len(keys), 1000):
+            chunk = [{"Key": k} for k in keys[start:start + 1000]]
+            async def go() -> None:
+                await self._client.delete_objects(Bucket=self.bucket, Delete={"Objects": chunk, "Quiet": True})
+            await self._retry("delete objects", go)
+
+    async def list_keys(self, prefix: str) -> list[str]:
+        keys: list[str] = []
+        paginator = self._client.get_paginator("list_objects_v2")
+        async for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+            keys.extend(obj["Key"] for obj in page.get("Contents", []))
+        return keys
