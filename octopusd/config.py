@@ -294,8 +294,8 @@ def _private_file(raw: Mapping[str, Any], rank: int, base: Path, file: str) -> P
     if not isinstance(silos, list):
         raise ConfigError("expected a list of file names", file=file,
                           key="private_config_paths.client_silo_config_paths")
-    if rank > len(silos):
-        return None
+    if not 1 <= rank <= len(silos):
+        return None  # a negative rank must not index the list from the end; _validate rejects it
     return _resolve_ref(str(silos[rank - 1]), base)
 
 
@@ -363,6 +363,17 @@ def _validate(cfg: Config, file: str) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"must be at least 1, got {value}", file=file, key=key)
+    durations = {"train_args.round_deadline_s": t.round_deadline_s,
+                 "train_args.round_give_up_s": t.round_give_up_s,
+                 "train_args.silo_wait_timeout_s": t.silo_wait_timeout_s,
+                 "dist_training_args.dist_timeout_s": d.dist_timeout_s,
+                 "dist_training_args.trainer_start_timeout_s": d.trainer_start_timeout_s}
+    for key, seconds in durations.items():
+        if not seconds > 0:  # also rejects NaN
+            raise ConfigError(f"must be a positive number of seconds, got {seconds}", file=file, key=key)
+    if d.max_group_restarts < 0:
+        raise ConfigError(f"must be at least 0, got {d.max_group_restarts}", file=file,
+                          key="dist_training_args.max_group_restarts")
     if t.client_num_per_round > t.client_num_in_total:
         raise ConfigError(f"{t.client_num_per_round} silos per round but only "
                           f"{t.client_num_in_total} in total", file=file, key="train_args.client_num_per_round")

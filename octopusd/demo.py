@@ -125,7 +125,8 @@ def run_demo(*, rounds: int | None = None, config: str | None = None, workdir: s
         last = state.get("last")
         if code == 0 and last:
             print(f"final test accuracy after {last['round'] + 1} rounds: {last['test_acc']:.4f} "
-                  f"(loss {last['test_loss']:.4f}); metrics in {tmp / 'config' / 'log'}", flush=True)
+                  f"(loss {last['test_loss']:.4f})", flush=True)
+            print(f"metrics and final model: {tmp / 'config' / 'log'}; logs: {logs}", flush=True)
         else:
             print(f"demo failed: server exit code {code}, silo exit codes {silo_codes}; see {logs}", flush=True)
         if code == 0 and any(c != 0 for c in silo_codes):
@@ -138,5 +139,3 @@ def run_demo(*, rounds: int | None = None, config: str | None = None, workdir: s
         _stop_all(procs)
         s3.stop()
         broker.stop()
-        if not workdir and code == 0:
-            shutil.rmtree(tmp, ignore_errors=True)

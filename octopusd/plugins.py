@@ -77,7 +77,11 @@ class PluginManager:
     def register_module(self, module: ModuleType, origin: str) -> None:
         if self._pm.is_registered(module):
             return
-        self._pm.register(module, name=origin)
+        try:
+            self._pm.register(module, name=origin)
+        except (pluggy.PluginValidationError, ValueError) as exc:
+            # A hookimpl whose parameters do not match its spec, or a name registered twice.
+            raise PluginError(f"{origin}: cannot register plugin: {exc}") from exc
         # Fill registries per plugin so each entry records where it came from.
         for kind, hook in self._hooks().items():
             registry = self.registries[kind]

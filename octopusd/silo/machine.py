@@ -108,6 +108,8 @@ class SiloMachine:
 
     def _fetched(self, ev: Event) -> list[Effect]:
         self._same_round(ev)
+        if self.finishing:  # the run is over: do not start training a round nobody will use
+            return self._idle()
         self.state = State.TRAIN
         return [_fx("train", round=ev.round)]
 
@@ -117,6 +119,8 @@ class SiloMachine:
 
     def _trained(self, ev: Event) -> list[Effect]:
         self._same_round(ev)
+        if self.finishing:  # the server has finished: an upload would never be read
+            return self._idle()
         self.state = State.UPLOAD
         return [_fx("upload", round=ev.round)]
 
