@@ -92,7 +92,7 @@ def _check_tensor(name: object, t: object) -> str:
     if not isinstance(t, torch.Tensor):
         raise CodecError(f"tensor {name!r}: expected a torch.Tensor, got {type(t).__name__}")
     if t.layout != torch.strided:
-        raise CodecError(f"tensor {name!r}: only dense (strided) tensors are supported, not {t.layout}")
+        raise CodecError(f"tensor {name!r}: only dense (strided) tensors are supported: {t.layout}")
     dtype = _DTYPE_NAMES.get(t.dtype)
     if dtype is None:
         raise CodecError(
@@ -221,7 +221,8 @@ def _unpack_header(raw: memoryview) -> list[Any]:
     if not isinstance(header, dict):
         raise CodecError(f"header must be a msgpack map, got {type(header).__name__}")
     if list(header) != ["tensors"]:
-        raise CodecError(f"header keys must be exactly ['tensors'], got {sorted(map(repr, header))}")
+        keys = sorted(map(repr, header))
+        raise CodecError(f"header keys must be exactly ['tensors'], got {keys}")
     tensors = header["tensors"]
     if not isinstance(tensors, list):
         raise CodecError(f"header 'tensors' must be a list, got {type(tensors).__name__}")
@@ -242,6 +243,8 @@ def _parse_entry(i: int, item: object) -> _Entry:
         raise CodecError(f"{where}: shape must be a list of at most {MAX_DIMS} dims, got {shape!r}")
     if not all(_is_int(d) and 0 <= d <= MAX_DIM for d in shape):
         raise CodecError(f"{where}: shape dims must be ints in [0, {MAX_DIM}], got {shape!r}")
+    if math.prod(max(d, 1) for d in shape) >= 2**63:  # torch computes strides in int64
+        raise CodecError(f"{where}: shape {shape!r} is too large to allocate")
     if not _is_int(offset) or offset < 0 or offset % ALIGN:
         raise CodecError(f"{where}: offset {offset!r} is not a {ALIGN}-byte aligned int >= 0")
     want = math.prod(shape) * _ITEMSIZE[dtype]
@@ -316,18 +319,18 @@ def _check_expected(entries: list[_Entry], expected: Mapping[str, tuple[Any, Any
         want[name] = (dtype, tuple(int(d) for d in shape))
     missing = [n for n in want if n not in got]
     if missing:
-        raise CodecError(f"layout mismatch: tensor {missing[0]!r} is missing ({len(missing)} missing)")
+        first, count = missing[0], len(missing)
+        raise CodecError(f"layout mismatch: tensor {first!r} is missing ({count} in all)")
     extra = [n for n in got if n not in want]
     if extra:
-        raise CodecError(f"layout mismatch: unexpected tensor {extra[0]!r} ({len(extra)} unexpected)")
+        raise CodecError(f"layout mismatch: unexpected tensor {extra[0]!r} ({len(extra)} in all)")
     for e in entries:
         dtype, shape = want[e.name]
+        where = f"layout mismatch: tensor {e.name!r} has"
         if e.dtype != dtype:
-            raise CodecError(f"layout mismatch: tensor {e.name!r} has dtype {e.dtype}, expected {dtype}")
+            raise CodecError(f"{where} dtype {e.dtype}, expected {dtype}")
         if e.shape != shape:
-            raise CodecError(
-                f"layout mismatch: tensor {e.name!r} has shape {list(e.shape)}, expected {list(shape)}"
-            )
+            raise CodecError(f"{where} shape {list(e.shape)}, expected {list(shape)}")
 
 
 def _materialize(mv: memoryview, entries: list[_Entry], data_start: int) -> dict[str, torch.Tensor]:

@@ -78,7 +78,8 @@ class PayloadRef:
         _check_ref_fields("PayloadRef", self.sha256, self.size, self.key, self.inline)
 
     @classmethod
-    def for_data(cls, data: bytes | bytearray | memoryview, *, key: str | None = None) -> PayloadRef:
+    def for_data(cls, data: bytes | bytearray | memoryview, *,
+                 key: str | None = None) -> PayloadRef:
         """Describe ``data``: stored under ``key`` when given, else carried inline."""
         size = memoryview(data).nbytes
         inline = None if key is not None else bytes(data)
@@ -157,7 +158,7 @@ def _str(name: str, v: object, max_len: int, *, min_len: int = 0,
 
 
 def _check_ref_fields(name: str, sha256: object, size: object, key: object, inline: object) -> None:
-    _str(f"{name}.sha256", sha256, 64, pattern=_SHA256)
+    _str(f"{name}.sha256", sha256, 64, min_len=64, pattern=_SHA256)
     _int(f"{name}.size", size, 0)
     if (key is None) == (inline is None):
         raise _fail(name, "exactly one of 'key' and 'inline' must be set")
@@ -274,7 +275,7 @@ def _envelope(wire: object) -> Envelope:
         raise _fail("v", "missing schema version")
     version = wire["v"]
     if not _is_int(version) or version != SCHEMA_VERSION:
-        raise _fail("v", f"unsupported schema version {version!r} (this build speaks {SCHEMA_VERSION})")
+        raise _fail("v", f"unsupported schema version {version!r} (this build: {SCHEMA_VERSION})")
     missing = sorted(_TOP_KEYS - set(wire))
     if missing:
         raise EnvelopeError(f"invalid envelope: missing key(s) {missing}")
@@ -284,11 +285,11 @@ def _envelope(wire: object) -> Envelope:
     mtype = _msg_type(wire["t"])
     return Envelope(
         type=mtype,
-        run_id=_str("run", wire["run"], 128, pattern=_RUN_ID),
+        run_id=_str("run", wire["run"], 128, min_len=1, pattern=_RUN_ID),
         round=_int("r", wire["r"], -1, _INT31),
         sender=_int("s", wire["s"], 0, _INT31),
         body=_body(mtype, wire["b"]),
-        msg_id=_str("id", wire["id"], 64, pattern=_MSG_ID),
+        msg_id=_str("id", wire["id"], 64, min_len=1, pattern=_MSG_ID),
         sent_at=_number("ts", wire["ts"]),
         schema=version,  # type: ignore[arg-type]
         sig=_sig(wire["sig"]) if "sig" in wire else None,
@@ -348,7 +349,7 @@ def _unpack(data: object, max_bytes: int) -> Any:
         return msgpack.unpackb(
             data, raw=False, strict_map_key=True, use_list=True, ext_hook=_reject_ext,
             max_ext_len=0, max_bin_len=max_bytes, max_str_len=4 * MAX_KEY_CHARS,
-            max_array_len=MAX_SELECTED, max_map_len=16,
+            max_array_len=MAX_SELECTED + 1, max_map_len=16,  # +1: let the field check say why
         )
     except EnvelopeError:
         raise

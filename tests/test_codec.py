@@ -5,6 +5,7 @@ Tests may use pickle and torch.save, only to produce hostile inputs; the codec n
 from __future__ import annotations
 
 import io
+import math
 import pickle
 import struct
 import warnings
@@ -109,7 +110,8 @@ def test_special_float_values_round_trip_bit_exact():
 def test_non_contiguous_grad_and_view_inputs_are_encoded_by_value():
     base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
     param = torch.nn.Parameter(torch.randn(3, 3))
-    state = {"t": base.t(), "slice": base[1:3, ::2], "param": param, "expanded": torch.ones(1).expand(5)}
+    state = {"t": base.t(), "slice": base[1:3, ::2], "param": param,
+             "expanded": torch.ones(1).expand(5)}
     out = decode_state(encode_state(state))
     for name, t in state.items():
         assert torch.equal(out[name], t.detach()) and out[name].is_contiguous()
@@ -274,6 +276,8 @@ BUF16 = struct.pack("<4f", *F4)
         ({"tensors": [["w", "float32", [True], 0, 4]]}, BUF16, "shape dims must be ints"),
         ({"tensors": [["w", "float32", [2.0], 0, 8]]}, BUF16, "shape dims must be ints"),
         ({"tensors": [["w", "float32", [2**31 + 1], 0, 4 * (2**31 + 1)]]}, BUF16, "shape dims"),
+        ({"tensors": [["w", "int8", [0, 2**31, 2**31, 2**31]]]}, BUF16, "expected \\[name"),
+        ({"tensors": [["w", "int8", [0, 2**31, 2**31, 2**31], 0, 0]]}, b"", "too large to"),
         ({"tensors": [["w", "float32", [4], 4, 16]]}, BUF16, "not a 64-byte aligned"),
         ({"tensors": [["w", "float32", [4], -64, 16]]}, BUF16, "not a 64-byte aligned"),
         ({"tensors": [["w", "float32", [4], 0.0, 16]]}, BUF16, "not a 64-byte aligned"),
@@ -399,7 +403,7 @@ def test_check_finite_ignores_integer_tensors():
 
 BASES = [
     bytes(encode_state({})),
-    bytes(encode_state({"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(2)})),
+    bytes(encode_state({"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(2)})),
     bytes(encode_state({"m": torch.tensor([True, False]), "h": torch.ones(3, dtype=torch.bfloat16),
                         "s": torch.tensor(7, dtype=torch.int64), "e": torch.zeros(0, 4)})),
 ]
@@ -445,26 +449,30 @@ def test_fuzz_mutated_valid_encodings(base, mutations):
     decode_or_codec_error(bytes(blob))
 
 
+FORGED_DTYPE = st.sampled_from([*codec.DTYPES, "complex64", "", 1])
+FORGED_SHAPE = (st.lists(st.integers(0, 4), max_size=3)
+                | st.lists(st.integers(-1, 2**33), max_size=9))
+FORGED_NAME = st.sampled_from(["a", "b", ""]) | st.text(max_size=3)
+FORGED_LIE = st.none() | st.integers(-64, 4096)  # None: tell the truth
+
+
 @st.composite
 def forged_payloads(draw) -> bytes:
     """Headers that are mostly plausible (canonical offsets, right nbytes) with occasional lies."""
     entries, end = [], 0
     for _ in range(draw(st.integers(0, 3))):
-        dtype = draw(st.sampled_from(list(codec.DTYPES)) | st.sampled_from(["complex64", "", 1]))
-        shape = draw(st.lists(st.integers(0, 4), max_size=3) | st.lists(st.integers(-1, 2**33), max_size=9))
-        size = 1
-        for d in shape:
-            size *= d
-        nbytes = size * codec._ITEMSIZE.get(dtype, 1)
+        dtype, shape = draw(FORGED_DTYPE), draw(FORGED_SHAPE)
         offset = (end + 63) // 64 * 64
-        name = draw(st.sampled_from(["a", "b", ""]) | st.text(max_size=3))
-        offset = draw(st.just(offset) | st.integers(-64, 4096) | st.sampled_from([0, 64, 128]))
-        nbytes = draw(st.just(nbytes) | st.integers(-1, 300))
-        entries.append([name, dtype, shape, offset, nbytes])
-        end = offset + nbytes if isinstance(nbytes, int) and isinstance(offset, int) else end
-    data_len = max(0, (end + 63) // 64 * 64) if isinstance(end, int) else 0
-    data = draw(st.binary(min_size=min(data_len, 256), max_size=min(data_len, 256))
-                | st.just(b"\0" * min(data_len, 256)) | st.binary(max_size=200))
+        nbytes = min(math.prod(shape) * codec._ITEMSIZE.get(dtype, 1), 2**62)
+        offset, nbytes = [v if lie is None else lie for v, lie in
+                          zip((offset, nbytes), (draw(FORGED_LIE), draw(FORGED_LIE)))]
+        entries.append([draw(FORGED_NAME), dtype, shape, min(offset, 2**62), max(nbytes, -(2**62))])
+        end = max(offset + nbytes, 0)
+    fill = draw(st.sampled_from([b"\0", b"\1", b"\xff"]))
+    if draw(st.booleans()):
+        data = fill * min((end + 63) // 64 * 64, 4096)
+    else:
+        data = draw(st.binary(max_size=200))
     return forge({"tensors": entries}, data, pad_data=False)
 
 

@@ -177,6 +177,16 @@ def test_with_min_silos_the_round_starts_once_that_many_are_online():
     assert of_kind(fx, "publish_global")[0].args == {"round": 0, "selected": (2,)}
 
 
+@pytest.mark.parametrize("state", [State.WAIT_SILOS, State.COLLECT], ids=lambda s: s.value)
+@pytest.mark.parametrize("rank", [0, 3, 99])
+def test_a_rank_outside_the_federation_never_counts_as_online(state, rank):
+    """SILO_ONLINE for a rank outside 1..silos_total is dropped and not added to ``online``."""
+    m = machine(state=state, selected=(1, 2), online={1})
+    fx = m.handle(Event(Ev.SILO_ONLINE, rank=rank))
+    assert kinds(fx, all_=True) == ["drop"]
+    assert m.online == {1} and m.state is state
+
+
 def test_waiting_too_long_for_silos_fails_with_quorum_lost():
     """The wait_silos timer of the current round fails the run with ExitCode.QUORUM_LOST."""
     m = machine()

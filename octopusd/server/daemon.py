@@ -216,7 +216,7 @@ class ServerDaemon:
         elif k == "cancel_timer":
             self.timers.cancel(a["name"])
         elif k in ("log", "drop"):
-            (log.info if k == "log" else log.debug)(a.get("msg", "event_dropped"),
+            log.info(a.get("msg", "message_dropped"),
                                                    **{x: y for x, y in a.items() if x != "msg"})
         elif k == "publish_global":
             return await self._publish_global(fx)

@@ -116,6 +116,8 @@ class ServerMachine:
 
     # -- transitions ----------------------------------------------------------------------
     def _wait_online(self, ev: Event) -> list[Effect]:
+        if not 1 <= ev.rank <= self.silos_total:
+            return self._drop(ev, "no such silo rank")
         self.online.add(ev.rank)
         if len(self.online) >= self.start_quorum():
             return [_fx("cancel_timer", name="wait_silos")] + self._publish()
@@ -137,6 +139,8 @@ class ServerMachine:
                 _fx("set_timer", name="give_up", delay=self.give_up_s, round=self.round)]
 
     def _any_online(self, ev: Event) -> list[Effect]:
+        if not 1 <= ev.rank <= self.silos_total:  # must never count toward quorum or selection
+            return self._drop(ev, "no such silo rank")
         self.online.add(ev.rank)
         return []
 
@@ -154,7 +158,7 @@ class ServerMachine:
         return []
 
     def _drop(self, ev: Event, reason: str) -> list[Effect]:
-        return [_fx("drop", reason=reason, silo=ev.rank, round=ev.round, event=ev.kind.value)]
+        return [_fx("drop", reason=reason, silo=ev.rank, round=ev.round, ev=ev.kind.value)]
 
     def _update_elsewhere(self, ev: Event) -> list[Effect]:
         return self._drop(ev, f"not collecting (state {self.state.value})")

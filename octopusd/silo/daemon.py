@@ -148,7 +148,7 @@ class SiloDaemon:
                 t.cancel()
             await self.group.close()
         elif k in ("log", "drop"):
-            (log.info if k == "log" else log.debug)(a.get("msg", "event_dropped"),
+            log.info(a.get("msg", "message_dropped"),
                                                    **{x: y for x, y in a.items() if x != "msg"})
         elif k == "exit":
             raise DaemonExit(a["code"], a.get("reason", ""))
