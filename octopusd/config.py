@@ -128,7 +128,8 @@ class TrackingConfig:
 class DistTrainingConfig:
     n_node_in_silo: int = 1
     n_proc_per_node: int = 1
-    node_addresses: tuple[str, ...] = ()
+    node_addresses: tuple[str, ...] = ()    # each node's address; the first is the master
+    pdsh_hosts: tuple[str, ...] = ()        # pdsh target names when they differ (e.g. netns names)
     master_address: str = "127.0.0.1"
     launcher_rdzv_port: int = 0            # 0: pick a free port at launch
     network_interface: str | None = None
@@ -391,6 +392,23 @@ def _validate(cfg: Config, file: str) -> None:
     if d.n_node_in_silo > 1 and len(d.node_addresses) != d.n_node_in_silo:
         raise ConfigError(f"{d.n_node_in_silo} nodes but {len(d.node_addresses)} node_addresses",
                           file=file, key="dist_training_args.node_addresses")
+    if d.pdsh_hosts and len(d.pdsh_hosts) != len(d.node_addresses):
+        raise ConfigError(f"{len(d.pdsh_hosts)} pdsh_hosts but {len(d.node_addresses)} node_addresses",
+                          file=file, key="dist_training_args.pdsh_hosts")
+    if d.n_node_in_silo > 1 and not _same_host(d.master_address, d.node_addresses[0]):
+        raise ConfigError(f"master_address {d.master_address} is not the first node "
+                          f"({d.node_addresses[0]}); trainer rank 0 runs on the first node and must "
+                          "host the rendezvous", file=file, key="dist_training_args.master_address")
+
+
+def _same_host(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    import socket
+    try:
+        return socket.gethostbyname(a) == socket.gethostbyname(b)
+    except OSError:
+        return False
 
 
 def load_config(path: str | Path, rank: int, *, run_id: str | None = None,
