@@ -43,6 +43,8 @@ class LaunchSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     pdsh_rcmd: str = "ssh"
     node_command_prefix: str = ""
+    pdsh_hosts: tuple[str, ...] = ()           # pdsh targets; default: node_addresses
+    marker: str = ""                           # unique text in every trainer's command line
 
 
 class GroupHandle(Protocol):
@@ -100,7 +102,8 @@ class TrainerGroup:
                           master_address=d.master_address, master_port=port,
                           node_addresses=d.node_addresses, network_interface=d.network_interface,
                           python=d.python or sys.executable, worker_argv=argv, env=env,
-                          pdsh_rcmd=d.pdsh_rcmd, node_command_prefix=d.node_command_prefix)
+                          pdsh_rcmd=d.pdsh_rcmd, node_command_prefix=d.node_command_prefix,
+                          pdsh_hosts=d.pdsh_hosts, marker=self.socket_path)
 
     async def start(self) -> None:
         """Launch the group and wait for rank 0's hello (bounded by trainer_start_timeout_s)."""

@@ -46,6 +46,23 @@ def _die_with_parent() -> None:
         pass
 
 
+def _local_ip() -> str:
+    """The address this node uses towards the rendezvous master (shows which node we run on)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "1"))))
+            return str(s.getsockname()[0])
+    except OSError:
+        return ""
+
+
+def _netns() -> str:
+    try:
+        return os.readlink("/proc/self/ns/net")
+    except OSError:
+        return ""
+
+
 def make_optimizer(cfg: Config, params: Any) -> torch.optim.Optimizer:
     name = cfg.train.client_optimizer.lower()
     if name == "sgd":
@@ -150,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.dist.dist_timeout_s))
     log.info("trainer_started", world_size=world, backend=backend, device=str(device),
-             host=socket.gethostname(), addr=os.environ.get("OCTOPUSD_NODE_ADDR", ""), pid=os.getpid())
+             host=socket.gethostname(), addr=os.environ.get("OCTOPUSD_NODE_ADDR", ""),
+             local_ip=_local_ip(), netns=_netns(), pid=os.getpid())
     trainer = Trainer(cfg, rank, world, device)
     try:
         if rank == 0:
