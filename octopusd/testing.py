@@ -134,7 +134,9 @@ class Federation:
     rounds: int = 3
     silo_procs: tuple[int, ...] = (2, 1)          # trainer processes per silo
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
-    silo_overrides: dict[int, dict[str, Any]] = field(default_factory=dict)
+    silo_overrides: dict[int, dict[str, Any]] = field(default_factory=dict)   # dist_training_args
+    silo_sections: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)  # other sections
+    plugin_dirs: tuple[str, ...] = ()
     run_id: str = field(default_factory=lambda: f"t-{uuid.uuid4().hex[:10]}")
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
@@ -151,6 +153,8 @@ class Federation:
                             "CN_S3_ENDPOINT": self.s3_endpoint, "CN_S3_AKI": "testing", "CN_S3_SAK": "testing"}
         raw["tracking_args"]["log_file_dir"] = str(self.workdir / "log")
         raw["device_args"].pop("gpu_mapping_file", None)
+        if self.plugin_dirs:
+            raw["plugin_dirs"] = [str(d) for d in self.plugin_dirs]
         for section, values in self.overrides.items():
             raw.setdefault(section, {}).update(values)
         raw["private_config_paths"] = {"server_config_path": "server.yaml",
@@ -159,7 +163,8 @@ class Federation:
         for i, nproc in enumerate(self.silo_procs, start=1):
             dist = {"n_node_in_silo": 1, "n_proc_per_node": nproc, "dist_timeout_s": 30}
             dist.update(self.silo_overrides.get(i, {}))
-            (self.workdir / f"silo_{i}.yaml").write_text(yaml.safe_dump({"dist_training_args": dist}))
+            private: dict[str, Any] = {"dist_training_args": dist, **self.silo_sections.get(i, {})}
+            (self.workdir / f"silo_{i}.yaml").write_text(yaml.safe_dump(private))
         self.config = self.workdir / "fedml_config.yaml"
         self.config.write_text(yaml.safe_dump(raw, sort_keys=False))
 
