@@ -182,6 +182,16 @@ class Federation:
         self.procs[name] = proc
         return proc
 
+    def start_command(self, name: str, argv: list[str], env: dict[str, str] | None = None,
+                      cwd: str | None = None) -> subprocess.Popen[bytes]:
+        """Run any command (an example script, say) as one of this federation's processes."""
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+        log = open(self.workdir / f"{name}.log", "ab")
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=cwd,
+                                start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
     def start_all(self) -> None:
         self.start("server", 0)
         for rank in range(1, len(self.silo_procs) + 1):

@@ -74,8 +74,11 @@ class TrainResult:
 
 
 class TrainerGroup:
-    def __init__(self, cfg: Config, launcher: Launcher, *, stop_grace_s: float = 15.0) -> None:
+    def __init__(self, cfg: Config, launcher: Launcher, *, stop_grace_s: float = 15.0,
+                 entry: tuple[str, ...] | None = None) -> None:
         self.cfg = cfg
+        # What torchrun runs on each rank: our worker module, or a user's script (Python API).
+        self.entry = entry
         self.launcher = launcher
         self.stop_grace_s = stop_grace_s
         self._dir = tempfile.mkdtemp(prefix="octopusd-")
@@ -96,8 +99,13 @@ class TrainerGroup:
                "PYTHONUNBUFFERED": "1"}
         if d.network_interface:
             env["GLOO_SOCKET_IFNAME"] = env["NCCL_SOCKET_IFNAME"] = d.network_interface
-        argv = ("-m", "octopusd.trainer.worker", "--cf", str(self.cfg.path.resolve()),
-                "--rank", str(self.cfg.rank), "--run-id", self.cfg.run_id, "--socket", self.socket_path)
+        env["OCTOPUSD_TRAINER_SOCKET"] = self.socket_path
+        env["OCTOPUSD_RUN_ID"] = self.cfg.run_id
+        if self.entry:  # the marker lets the pdsh launcher find this group's processes on every node
+            argv = (*self.entry, f"--octopusd-trainer-socket={self.socket_path}")
+        else:
+            argv = ("-m", "octopusd.trainer.worker", "--cf", str(self.cfg.path.resolve()),
+                              "--rank", str(self.cfg.rank), "--run-id", self.cfg.run_id, "--socket", self.socket_path)  # noqa: E501
         return LaunchSpec(silo_rank=self.cfg.rank, nnodes=d.n_node_in_silo, nproc_per_node=d.n_proc_per_node,
                           master_address=d.master_address, master_port=port,
                           node_addresses=d.node_addresses, network_interface=d.network_interface,

@@ -76,13 +76,18 @@ def make_optimizer(cfg: Config, params: Any) -> torch.optim.Optimizer:
 class Trainer:
     """State of one rank across rounds."""
 
-    def __init__(self, cfg: Config, rank: int, world: int, device: torch.device) -> None:
+    def __init__(self, cfg: Config, rank: int, world: int, device: torch.device, *,
+                 dataset: Any = None, model: torch.nn.Module | None = None) -> None:
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
-        pm = load_plugins(cfg.plugin_dirs)
-        data = pm.dataset(cfg.data.dataset)(cfg)
-        self.partition = data.train_partition(cfg.rank)
-        torch.manual_seed(cfg.common.random_seed)
-        self.model = pm.model(cfg.model.model)(cfg, data.output_dim).to(device)
+        if dataset is None or model is None:
+            pm = load_plugins(cfg.plugin_dirs)
+            dataset = dataset if dataset is not None else pm.dataset(cfg.data.dataset)(cfg)
+            if model is None:
+                torch.manual_seed(cfg.common.random_seed)
+                model = pm.model(cfg.model.model)(cfg, dataset.output_dim)
+        # A federated dataset object gives this silo's partition; a plain Dataset *is* the partition.
+        self.partition = dataset.train_partition(cfg.rank) if hasattr(dataset, "train_partition") else dataset
+        self.model = model.to(device)
         self.layout = codec.layout(self.model.state_dict())
         self.ddp = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.sampler = DistributedSampler(self.partition, num_replicas=world, rank=rank, shuffle=True,
@@ -151,6 +156,14 @@ def _serve_other(trainer: Trainer) -> None:
         trainer.train_round(int(cmd[1]))
 
 
+SOCKET_ENV = "OCTOPUSD_TRAINER_SOCKET"
+
+
+def is_trainer_process() -> bool:
+    """True inside a trainer process that a silo master launched (user scripts check this)."""
+    return bool(os.environ.get(SOCKET_ENV)) and "RANK" in os.environ
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="octopusd-trainer")
     p.add_argument("--cf", required=True)
@@ -158,22 +171,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-id", required=True)
     p.add_argument("--socket", required=True)
     a = p.parse_args(argv)
+    configure_logging()
+    return run_trainer(load_config(a.cf, a.rank, run_id=a.run_id), a.socket)
+
+
+def run_trainer(cfg: Config, socket_path: str, *, dataset: Any = None,
+                model: torch.nn.Module | None = None) -> int:
+    """Serve rounds as one rank of the silo's group until the silo master says stop."""
     _die_with_parent()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    configure_logging()
-    log = structlog.get_logger("octopusd.trainer").bind(silo=a.rank, trainer_rank=rank)
-    cfg = load_config(a.cf, a.rank, run_id=a.run_id)
+    log = structlog.get_logger("octopusd.trainer").bind(silo=cfg.rank, trainer_rank=rank)
     device = trainer_device(cfg, rank, world)
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.dist.dist_timeout_s))
     log.info("trainer_started", world_size=world, backend=backend, device=str(device),
              host=socket.gethostname(), addr=os.environ.get("OCTOPUSD_NODE_ADDR", ""),
              local_ip=_local_ip(), netns=_netns(), pid=os.getpid())
-    trainer = Trainer(cfg, rank, world, device)
+    trainer = Trainer(cfg, rank, world, device, dataset=dataset, model=model)
     try:
         if rank == 0:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                sock.connect(a.socket)
+                sock.connect(socket_path)
                 channel.send_frame_sync(sock, {"op": "hello", "world_size": world,
                                                "num_samples": len(trainer.partition), "pid": os.getpid()})
                 _serve_rank0(trainer, sock, log)
