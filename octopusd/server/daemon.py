@@ -36,15 +36,29 @@ log = structlog.get_logger("octopusd.server")
 MAX_ENVELOPE = 16 * 2**20
 
 
+class _TestData:
+    """Adapts a user's object for the server: a federated dataset, or a plain test Dataset."""
+
+    def __init__(self, data: Any) -> None:
+        self.data = data
+        self.source = getattr(data, "source", f"user-supplied {type(data).__name__}")
+        self.output_dim = getattr(data, "output_dim", None)
+
+    def test_set(self) -> Any:
+        return self.data.test_set() if hasattr(self.data, "test_set") else self.data
+
+
 class ServerDaemon:
     def __init__(self, cfg: Config, *, plugins: PluginManager | None = None,
-                 shutdown: Shutdown | None = None) -> None:
+                 shutdown: Shutdown | None = None, dataset: Any = None,
+                 model: torch.nn.Module | None = None) -> None:
         self.cfg = cfg
         self.pm = plugins or load_plugins(cfg.plugin_dirs)
         # Resolve every plugin name now: an unknown name fails start-up, listing known names.
         self.aggregator = self.pm.aggregator(cfg.train.federated_optimizer)(cfg)
-        self.dataset = self.pm.dataset(cfg.data.dataset)(cfg)
-        self.model = self._initial_model()
+        # The Python API may pass the user's own test data and model instead of plugin names.
+        self.dataset = _TestData(dataset) if dataset is not None else self.pm.dataset(cfg.data.dataset)(cfg)
+        self.model = model if model is not None else self._initial_model()
         self.global_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.layout = codec.layout(self.global_state)
         self.max_payload = 4 * codec.encoded_size(self.global_state) + 2**20

@@ -33,16 +33,17 @@ MAX_MODEL = 2**34
 
 class SiloDaemon:
     def __init__(self, cfg: Config, *, plugins: PluginManager | None = None,
-                 shutdown: Shutdown | None = None) -> None:
+                 shutdown: Shutdown | None = None, trainer_entry: tuple[str, ...] | None = None) -> None:
         if cfg.rank < 1:
             raise OctopusError("a silo's rank must be at least 1 (rank 0 is the server)")
         self.cfg = cfg
         self.pm = plugins or load_plugins(cfg.plugin_dirs)
-        # Unknown dataset/model names fail here, before any process is launched.
-        self.pm.dataset(cfg.data.dataset)
-        self.pm.model(cfg.model.model)
+        if trainer_entry is None:
+            # Unknown dataset/model names fail here, before any process is launched.
+            self.pm.dataset(cfg.data.dataset)
+            self.pm.model(cfg.model.model)
         launcher_name = cfg.dist.launcher or ("torchrun" if cfg.dist.n_node_in_silo == 1 else "pdsh")
-        self.group = TrainerGroup(cfg, self.pm.launcher(launcher_name)(cfg))
+        self.group = TrainerGroup(cfg, self.pm.launcher(launcher_name)(cfg), entry=trainer_entry)
         self.shutdown = shutdown or Shutdown()
         self.machine = SiloMachine(cfg.rank)
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
