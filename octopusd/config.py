@@ -25,7 +25,7 @@ from octopusd.errors import ConfigError
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 _SECTIONS = ("common_args", "environment_args", "data_args", "model_args", "train_args",
              "validation_args", "device_args", "comm_args", "tracking_args",
-             "dist_training_args", "private_config_paths", "plugin_dirs")
+             "dist_training_args", "private_config_paths", "plugin_dirs", "security_args")
 
 
 @dataclass(frozen=True)
@@ -144,6 +144,16 @@ class DistTrainingConfig:
 
 
 @dataclass(frozen=True)
+class SecurityConfig:
+    """Message signing (see octopusd.security): this party's key and the keys it trusts."""
+
+    private_key: Path | None = None
+    trusted_keys: Mapping[int, Path] = field(default_factory=dict)   # sender rank -> public key
+    require_signatures: bool = False
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole parsed configuration of one party (server: rank 0, silo: rank ≥ 1)."""
 
@@ -161,6 +171,7 @@ class Config:
     dist: DistTrainingConfig
     gpu_mapping: Mapping[str, Any] | None = None
     plugin_dirs: tuple[Path, ...] = ()
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     @property
     def role(self) -> str:
@@ -352,6 +363,24 @@ def _comm(raw: Mapping[str, Any], file: str, base: Path, env: Mapping[str, str])
     return dataclasses.replace(comm, mqtt=mqtt, s3=s3)
 
 
+def _security(raw: Any, file: str, base: Path) -> SecurityConfig:
+    if not isinstance(raw, Mapping):
+        raise ConfigError("expected a mapping", file=file, key="security_args")
+    trusted_raw = raw.get("trusted_keys") or {}
+    if not isinstance(trusted_raw, Mapping):
+        raise ConfigError("expected {rank: public key file}", file=file, key="security_args.trusted_keys")
+    trusted: dict[int, Path] = {}
+    for rank, path in trusted_raw.items():
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0 or not isinstance(path, str):
+            raise ConfigError(f"expected rank: file, got {rank!r}: {path!r}", file=file,
+                              key="security_args.trusted_keys")
+        trusted[rank] = _resolve_ref(path, base)
+    rest = {k: v for k, v in raw.items() if k != "trusted_keys"}
+    sec = _build(SecurityConfig, rest, file, "security_args")
+    key = _resolve_ref(str(sec.private_key), base) if sec.private_key else None
+    return dataclasses.replace(sec, private_key=key, trusted_keys=trusted)
+
+
 def _validate(cfg: Config, file: str) -> None:
     t, d = cfg.train, cfg.dist
     positive = {"train_args.client_num_in_total": t.client_num_in_total,
@@ -452,6 +481,7 @@ def load_config(path: str | Path, rank: int, *, run_id: str | None = None,
         dist=_build(DistTrainingConfig, sect("dist_training_args"), file, "dist_training_args"),
         gpu_mapping=gpu_mapping,
         plugin_dirs=tuple(_resolve_ref(x, base) for x in dirs),
+        security=_security(sect("security_args"), file, base),
     )
     _validate(cfg, file)
     return cfg

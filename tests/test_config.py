@@ -360,7 +360,15 @@ def test_several_nodes_need_as_many_addresses(tmp_path):
     path = write_config(tmp_path, {"dist_training_args": {"n_node_in_silo": 2,
                                                           "node_addresses": ["10.0.0.1"]}})
     assert config_error(path).key == "dist_training_args.node_addresses"
-    ok = write_config(tmp_path, {"dist_training_args": {"n_node_in_silo": 2,
+    ok = write_config(tmp_path, {"dist_training_args": {"n_node_in_silo": 2, "master_address": "10.0.0.1",
                                                         "node_addresses": "10.0.0.1, 10.0.0.2"}},
                       name="ok.yaml")
     assert load_config(ok, 0, env={}).dist.node_addresses == ("10.0.0.1", "10.0.0.2")
+
+
+def test_the_first_node_must_be_the_master(tmp_path):
+    """master_address must be the first of node_addresses: trainer rank 0 hosts the rendezvous."""
+    path = write_config(tmp_path, {"dist_training_args": {"n_node_in_silo": 2, "master_address": "10.0.0.2",
+                                                          "node_addresses": ["10.0.0.1", "10.0.0.2"]}})
+    err = config_error(path)
+    assert err.key == "dist_training_args.master_address" and "first node" in str(err)
