@@ -10,7 +10,7 @@ import structlog
 
 from octopusd.errors import ExitCode, OctopusError
 from octopusd.logs import configure_logging
-from octopusd.runtime import Shutdown, first_octopus_error
+from octopusd.runtime import LOG_LEVELS, Shutdown, first_octopus_error, log_level_from_env
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -22,12 +22,16 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--cf", required=True, help="fedml_config.yaml-style config file")
         s.add_argument("--rank", type=int, default=0 if name == "server" else None, required=name == "silo")
         s.add_argument("--run-id", default=None, help="override common_args.run_id")
-        s.add_argument("--log-level", default="info")
+        s.add_argument("--log-level", default=None, choices=LOG_LEVELS,
+                       help="default: $OCTOPUSD_LOG_LEVEL, else info (SIGHUP re-reads it, see README)")
         s.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
     d = sub.add_parser("demo", help="one-command demo: embedded broker + S3, server and two silos")
     d.add_argument("--rounds", type=int, default=None, help="override comm_round (seed: 50)")
     d.add_argument("--cf", default=None, help="config to run (default: the seed config in etc/)")
     d.add_argument("--workdir", default=None, help="keep logs and metrics here (default: a temp dir)")
+    k = sub.add_parser("keygen", help="make an Ed25519 key pair for signing messages")
+    k.add_argument("--out", required=True, help="directory for NAME.key (mode 0600) and NAME.pub")
+    k.add_argument("--name", required=True, help="e.g. server, silo-1")
     pl = sub.add_parser("plugins", help="list registered plugins")
     pl.add_argument("--cf", default=None)
     return p
@@ -47,7 +51,12 @@ async def _serve(make: Callable[[Shutdown], Any]) -> int:
 def _run_daemon(args: argparse.Namespace) -> int:
     from octopusd.config import load_config
 
-    configure_logging(args.log_level, json=_json_flag(args.log_format))
+    try:
+        level = args.log_level or log_level_from_env() or "info"
+    except ValueError as exc:
+        print(f"octopusd: error: {exc}", file=sys.stderr)
+        return int(ExitCode.CONFIG)
+    configure_logging(level, json=_json_flag(args.log_format))
     log = structlog.get_logger("octopusd")
     try:
         cfg = load_config(args.cf, args.rank, run_id=args.run_id)
@@ -88,6 +97,17 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command in ("server", "silo"):
         return _run_daemon(args)
+    if args.command == "keygen":
+        from octopusd.security import generate_keypair
+
+        try:
+            key, pub = generate_keypair(args.out, args.name)
+        except OctopusError as exc:
+            print(f"octopusd: error: {exc}", file=sys.stderr)
+            return int(exc.exit_code)
+        print(f"private key: {key} (keep it secret; mode 0600)\npublic key:  {pub} (list it in the peers' "
+              "security_args.trusted_keys)")
+        return 0
     if args.command == "plugins":
         try:
             return _plugins(args)

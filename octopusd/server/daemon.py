@@ -19,13 +19,15 @@ from typing import Any
 import structlog
 import torch
 
-from octopusd import codec
+from octopusd import codec, security
 from octopusd.config import Config
-from octopusd.envelope import Envelope, MsgType, PayloadRef, decode_envelope, encode_envelope
+from octopusd.envelope import Envelope, MsgType, PayloadRef, decode_envelope, encode_envelope, sha256_hex
 from octopusd.errors import EnvelopeError, ExitCode, OctopusError, WireError
+from octopusd.lifecycle import lifecycle
+from octopusd.notify import Notifier
 from octopusd.payload import decode_payload, fetch_payload, publish_payload
 from octopusd.plugins import PluginManager, load_plugins
-from octopusd.runtime import DaemonExit, Shutdown, Timers
+from octopusd.runtime import DaemonExit, Shutdown, Timers, first_daemon_exit
 from octopusd.server.checkpoint import Checkpointer
 from octopusd.server.machine import Effect, Ev, Event, ServerMachine
 from octopusd.transport import s3 as s3keys, topics
@@ -51,11 +53,14 @@ class _TestData:
 class ServerDaemon:
     def __init__(self, cfg: Config, *, plugins: PluginManager | None = None,
                  shutdown: Shutdown | None = None, dataset: Any = None,
-                 model: torch.nn.Module | None = None) -> None:
+                 model: torch.nn.Module | None = None, notifier: Notifier | None = None) -> None:
         self.cfg = cfg
+        self.life = lifecycle(cfg)
         self.pm = plugins or load_plugins(cfg.plugin_dirs)
         # Resolve every plugin name now: an unknown name fails start-up, listing known names.
         self.aggregator = self.pm.aggregator(cfg.train.federated_optimizer)(cfg)
+        self.signer, self.verifier = security.from_config(cfg)
+        self.status_ids: dict[int, set[str]] = {}
         # The Python API may pass the user's own test data and model instead of plugin names.
         self.dataset = _TestData(dataset) if dataset is not None else self.pm.dataset(cfg.data.dataset)(cfg)
         self.model = model if model is not None else self._initial_model()
@@ -63,12 +68,15 @@ class ServerDaemon:
         self.layout = codec.layout(self.global_state)
         self.max_payload = 4 * codec.encoded_size(self.global_state) + 2**20
         self.shutdown = shutdown or Shutdown()
+        if self.shutdown.grace_s is None:
+            self.shutdown.grace_s = self.life.shutdown_grace_s
+        self.notifier = notifier or Notifier()
         self.machine = ServerMachine(
             silos_total=cfg.train.client_num_in_total, per_round=cfg.train.client_num_per_round,
             comm_round=cfg.train.comm_round, min_silos=cfg.train.min_silos_per_round,
             eval_every=cfg.validation.frequency_of_the_test, deadline_s=cfg.train.round_deadline_s,
             give_up_s=cfg.train.round_give_up_s, wait_timeout_s=cfg.train.silo_wait_timeout_s,
-            seed=cfg.common.random_seed)
+            seed=cfg.common.random_seed, offline_grace_s=self.life.silo_offline_grace_s)
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
         self.announced: dict[tuple[int, int], Envelope] = {}
         self.verified: dict[int, tuple[dict[str, torch.Tensor], Envelope]] = {}
@@ -77,6 +85,7 @@ class ServerDaemon:
         self.checkpointer = Checkpointer(cfg)
         self.run_dir = cfg.run_dir
         self._test_set: Any = None
+        self._offline_sent = False
 
     def _initial_model(self) -> torch.nn.Module:
         torch.manual_seed(self.cfg.common.random_seed)
@@ -84,7 +93,8 @@ class ServerDaemon:
 
     # -- messages -----------------------------------------------------------------------------
     def _envelope(self, type_: MsgType, round_: int, body: dict[str, Any]) -> bytes:
-        return encode_envelope(Envelope(type=type_, run_id=self.cfg.run_id, round=round_, sender=0, body=body))
+        return encode_envelope(self.signer.sign(
+            Envelope(type=type_, run_id=self.cfg.run_id, round=round_, sender=0, body=body)))
 
     def _to_event(self, msg: Incoming) -> Event | None:
         parsed = topics.parse_silo_topic(self.cfg.run_id, msg.topic)
@@ -93,14 +103,20 @@ class ServerDaemon:
         kind, rank = parsed
         try:
             env = decode_envelope(msg.payload, max_bytes=MAX_ENVELOPE)
+            if env.run_id != self.cfg.run_id or env.sender != rank:
+                raise EnvelopeError(f"run_id {env.run_id!r} or sender {env.sender} does not match the topic")
+            self.verifier.check(env)
         except EnvelopeError as exc:
             log.warning("message_rejected", topic=msg.topic, reason=str(exc))
             return None
-        if env.run_id != self.cfg.run_id or env.sender != rank:
-            log.warning("message_rejected", topic=msg.topic, reason="run_id or sender does not match topic",
-                        sender=env.sender, run_id=env.run_id)
-            return None
         if kind == "status" and env.type is MsgType.STATUS:
+            # A replayed old status (say "offline") must not override a newer one. (Not timestamps:
+            # a last-will is signed when its silo starts, long before it is published.)
+            seen = self.status_ids.setdefault(rank, set())
+            if env.msg_id in seen and not msg.retain:
+                log.warning("message_rejected", topic=msg.topic, reason="replayed status message")
+                return None
+            seen.add(env.msg_id)
             online = env.body["state"] == "online"
             return Event(Ev.SILO_ONLINE if online else Ev.SILO_OFFLINE, rank=rank)
         if kind == "update" and env.type is MsgType.UPDATE:
@@ -123,18 +139,23 @@ class ServerDaemon:
     # -- effects ------------------------------------------------------------------------------
     async def _publish_global(self, fx: Effect) -> Event:
         r, selected = fx.args["round"], fx.args["selected"]
-        self.round_started = time.monotonic()
         data = await asyncio.to_thread(codec.encode_state, self.global_state)
         ref = await publish_payload(self.store, s3keys.global_key(self.cfg.run_id, r), data,
                                     self.cfg.comm.inline_payload_max_bytes)
-        await asyncio.to_thread(self.aggregator.begin_round, self.global_state, r)
-        self.round_stats[r] = {"silos": [], "num_samples": 0, "loss_sum": 0.0}
+        await self._begin_collect(r, selected)
         body = {"selected": list(selected), "payload": ref, "deadline_s": self.cfg.train.round_deadline_s}
         await self.link.publish(topics.broadcast(self.cfg.run_id), self._envelope(MsgType.ROUND_START, r, body),
                                 retain=True)
         log.info("round_started", round=r, selected=list(selected), payload_bytes=ref.size,
                  inline=ref.inline is not None)
         return Event(Ev.GLOBAL_PUBLISHED, round=r)
+
+    async def _begin_collect(self, r: int, selected: Any) -> None:
+        self.round_started = time.monotonic()
+        await asyncio.to_thread(self.aggregator.begin_round, self.global_state, r)
+        self.round_stats[r] = {"silos": [], "num_samples": 0, "loss_sum": 0.0}
+        self.notifier.status(f"round {r + 1}/{self.cfg.train.comm_round}: collecting from silos "
+                             f"{', '.join(map(str, selected))}")
 
     async def _fetch_update(self, rank: int, round_: int) -> None:
         env = self.announced.pop((rank, round_), None)
@@ -222,6 +243,7 @@ class ServerDaemon:
                                 self._envelope(MsgType.FINISH, self.machine.round, {"reason": reason}),
                                 retain=True)
         log.info("run_finished", reason=reason, final_model=str(final))
+        self.notifier.status(f"finished: {reason}")
 
     async def _perform(self, fx: Effect) -> Event | None:
         k, a = fx.kind, fx.args
@@ -230,6 +252,9 @@ class ServerDaemon:
         elif k == "cancel_timer":
             self.timers.cancel(a["name"])
         elif k in ("log", "drop"):
+            if a.get("msg") == "waiting_for_silos":
+                self.notifier.status(f"round {self.machine.round + 1}/{self.cfg.train.comm_round}: waiting "
+                                     f"for silos ({len(a['online'])} of {a['need']} online)")
             log.info(a.get("msg", "message_dropped"),
                                                    **{x: y for x, y in a.items() if x != "msg"})
         elif k == "publish_global":
@@ -267,26 +292,95 @@ class ServerDaemon:
                 if follow is not None:
                     pending.append(follow)
 
-    async def _consume(self, start_round: int) -> None:
+    async def _consume(self, start_round: int, adopt: Envelope | None) -> None:
         try:
             if start_round >= self.cfg.train.comm_round:
                 log.info("run_already_complete", rounds=self.cfg.train.comm_round)
                 await self._publish_finish("completed")
                 raise DaemonExit(int(ExitCode.OK), "already complete")
-            for fx in self.machine.start(start_round):
+            if adopt is not None:
+                selected = tuple(adopt.body["selected"])
+                await self._begin_collect(adopt.round, selected)
+                effects = self.machine.resume_collect(adopt.round, selected)
+            else:
+                effects = self.machine.start(start_round)
+            for fx in effects:
                 await self._perform(fx)
             while True:
                 await self._dispatch(await self.queue.get())
         except DaemonExit:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(5):
-                    await self.link.publish(topics.server_status(self.cfg.run_id),
-                                            self._envelope(MsgType.STATUS, -1, {"state": "offline"}), retain=True)
+            await self._announce_offline()
             raise
 
+    async def _announce_offline(self) -> None:
+        """Publish the retained "offline" status (a clean disconnect does not fire the will)."""
+        if self._offline_sent or not self.link.ever_connected.is_set():
+            return
+        self._offline_sent = True
+        with contextlib.suppress(Exception):
+            await self.link.publish(topics.server_status(self.cfg.run_id),
+                                    self._envelope(MsgType.STATUS, -1, {"state": "offline"}), retain=True,
+                                    timeout_s=min(5.0, self.life.shutdown_grace_s / 4))
+
     async def _watch_shutdown(self) -> None:
+        """On SIGTERM/SIGINT: let the machine end the run; cut it short past half the grace."""
         await self.shutdown.event.wait()
-        self.queue.put_nowait(Event(Ev.SHUTDOWN))
+        self.notifier.stopping("stopping: signal")
+        if self.serving.is_set():
+            self.queue.put_nowait(Event(Ev.SHUTDOWN))
+            # Normally the consumer ends the task group long before this deadline passes.
+            await asyncio.sleep(self.life.shutdown_grace_s / 2)
+            log.warning("shutdown_cut_short", waited_s=self.life.shutdown_grace_s / 2)
+        await self._announce_offline()
+        raise DaemonExit(int(ExitCode.OK), "signal")
+
+    async def _adoptable(self, round_: int) -> Envelope | None:
+        """The retained announcement of ``round_`` if a previous server process published it for
+        exactly our global model and its payload is still readable; else None (announce anew)."""
+        try:
+            raw = await self.link.fetch_retained(topics.broadcast(self.cfg.run_id),
+                                                 timeout_s=min(10.0, self.life.connect_timeout_s))
+        except Exception as exc:  # best effort: without it the round is announced again
+            log.warning("retained_read_failed", error=repr(exc))
+            return None
+        if not raw:
+            return None
+        try:
+            env = decode_envelope(raw, max_bytes=MAX_ENVELOPE)
+        except EnvelopeError as exc:
+            log.warning("retained_announcement_rejected", reason=str(exc))
+            return None
+        if (env.type is not MsgType.ROUND_START or env.run_id != self.cfg.run_id or env.sender != 0
+                or env.round != round_):
+            return None
+        ref: PayloadRef = env.body["payload"]
+        data = await asyncio.to_thread(codec.encode_state, self.global_state)
+        if await asyncio.to_thread(sha256_hex, data) != ref.sha256 or len(data) != ref.size:
+            log.warning("retained_announcement_stale", round=round_)
+            return None
+        if ref.inline is None and not (ref.key and await self.store.exists(ref.key)):
+            log.warning("retained_announcement_payload_missing", round=round_, key=ref.key)
+            return None
+        return env
+
+    async def _start_up(self, tg: asyncio.TaskGroup) -> None:
+        cfg = self.cfg
+        await self.store.ensure_bucket()
+        resumed = await self.checkpointer.resume_round(self.store, self)
+        start_round = 0 if resumed is None else resumed
+        await self.link.wait_first_connection(self.life.connect_timeout_s)
+        adopt = await self._adoptable(start_round) if start_round < cfg.train.comm_round else None
+        if resumed is None and adopt is None:
+            # A fresh run: clear what a previous run of this id left retained.
+            await self.link.publish(topics.broadcast(cfg.run_id), b"", retain=True)
+        log.info("server_ready", run_id=cfg.run_id, rounds=cfg.train.comm_round,
+                 start_round=start_round, resumed=resumed is not None, adopted_round=adopt is not None,
+                 silos=cfg.train.client_num_in_total,
+                 dataset_source=getattr(self.dataset, "source", cfg.data.dataset))
+        self.notifier.ready(f"round {start_round + 1}/{cfg.train.comm_round}: starting")
+        tg.create_task(self._reader(self.link), name="reader")
+        self.serving.set()
+        await self._consume(start_round, adopt)
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def run(self) -> int:
@@ -294,6 +388,7 @@ class ServerDaemon:
         cfg = self.cfg
         self.timers = Timers(self.queue.put_nowait)
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.serving = asyncio.Event()
         status = topics.server_status(cfg.run_id)
         offline = self._envelope(MsgType.STATUS, -1, {"state": "offline"})
 
@@ -301,36 +396,27 @@ class ServerDaemon:
             await self.link.publish(status, self._envelope(MsgType.STATUS, -1, {"state": "online"}), retain=True)
 
         self.link = MqttLink(cfg.comm.mqtt, f"octopusd-{cfg.run_id}-server", will=(status, offline),
-                             subscriptions=topics.silo_wildcards(cfg.run_id), on_connect=on_connect)
+                             subscriptions=topics.silo_wildcards(cfg.run_id), on_connect=on_connect,
+                             first_connect_timeout_s=self.life.connect_timeout_s)
         structlog.contextvars.bind_contextvars(run_id=cfg.run_id, role="server")
-        async with PayloadStore(cfg.comm.s3) as self.store:
-            await self.store.ensure_bucket()
-            start_round = await self.checkpointer.resume_round(self.store, self)
-            try:
-                async with asyncio.TaskGroup() as tg:
-                    tg.create_task(self.link.run(), name="mqtt")
-                    await self._wait_connected()
-                    if start_round == 0:
-                        # A fresh run: clear what a previous run of this id left retained.
-                        await self.link.publish(topics.broadcast(cfg.run_id), b"", retain=True)
-                    log.info("server_ready", run_id=cfg.run_id, rounds=cfg.train.comm_round,
-                             start_round=start_round, silos=cfg.train.client_num_in_total,
-                             dataset_source=getattr(self.dataset, "source", cfg.data.dataset))
-                    tg.create_task(self._reader(self.link), name="reader")
-                    tg.create_task(self._watch_shutdown(), name="shutdown")
-                    tg.create_task(self._consume(start_round), name="rounds")
-            except BaseExceptionGroup as group:
-                return await self._finish(group)
+        try:
+            async with PayloadStore(cfg.comm.s3) as self.store, asyncio.TaskGroup() as tg:
+                tg.create_task(self._watch_shutdown(), name="shutdown")
+                tg.create_task(self.notifier.watchdog_loop(), name="watchdog")
+                tg.create_task(self.link.run(), name="mqtt")
+                tg.create_task(self._start_up(tg), name="rounds")
+        except BaseExceptionGroup as group:
+            return await self._finish(group)
+        finally:
+            self.notifier.stopping()
         return int(ExitCode.OK)
 
-    async def _wait_connected(self) -> None:
-        await self.link.ever_connected.wait()
-
     async def _finish(self, group: BaseExceptionGroup) -> int:
-        exits = [e for e in group.exceptions if isinstance(e, DaemonExit)]
+        done = first_daemon_exit(group)
         self.timers.cancel_all()
         for t in self.tasks:
             t.cancel()
-        if not exits:
+        if done is None:
             raise group
-        return exits[0].code
+        log.info("server_exit", code=done.code, reason=done.reason)
+        return done.code

@@ -13,12 +13,15 @@ from typing import Any
 
 import structlog
 
+from octopusd import security
 from octopusd.config import Config
 from octopusd.envelope import Envelope, MsgType, decode_envelope, encode_envelope
 from octopusd.errors import EnvelopeError, ExitCode, OctopusError, TrainerError
+from octopusd.lifecycle import lifecycle
+from octopusd.notify import Notifier
 from octopusd.payload import fetch_payload, publish_payload
 from octopusd.plugins import PluginManager, load_plugins
-from octopusd.runtime import DaemonExit, Shutdown
+from octopusd.runtime import DaemonExit, Shutdown, first_daemon_exit
 from octopusd.server.machine import Effect
 from octopusd.silo.group import TrainerGroup, TrainResult
 from octopusd.silo.machine import Ev, Event, SiloMachine
@@ -33,18 +36,27 @@ MAX_MODEL = 2**34
 
 class SiloDaemon:
     def __init__(self, cfg: Config, *, plugins: PluginManager | None = None,
-                 shutdown: Shutdown | None = None, trainer_entry: tuple[str, ...] | None = None) -> None:
+                 shutdown: Shutdown | None = None, trainer_entry: tuple[str, ...] | None = None,
+                 notifier: Notifier | None = None) -> None:
         if cfg.rank < 1:
             raise OctopusError("a silo's rank must be at least 1 (rank 0 is the server)")
         self.cfg = cfg
+        self.life = lifecycle(cfg)
+        self.signer, self.verifier = security.from_config(cfg)
         self.pm = plugins or load_plugins(cfg.plugin_dirs)
         if trainer_entry is None:
             # Unknown dataset/model names fail here, before any process is launched.
             self.pm.dataset(cfg.data.dataset)
             self.pm.model(cfg.model.model)
         launcher_name = cfg.dist.launcher or ("torchrun" if cfg.dist.n_node_in_silo == 1 else "pdsh")
-        self.group = TrainerGroup(cfg, self.pm.launcher(launcher_name)(cfg), entry=trainer_entry)
+        # Stopping the group (ask rank 0, then SIGTERM, then SIGKILL) must fit in the shutdown grace.
+        self.group = TrainerGroup(cfg, self.pm.launcher(launcher_name)(cfg), entry=trainer_entry,
+                                  stop_grace_s=self.life.shutdown_grace_s * 0.3)
         self.shutdown = shutdown or Shutdown()
+        if self.shutdown.grace_s is None:
+            self.shutdown.grace_s = self.life.shutdown_grace_s
+        self.notifier = notifier or Notifier()
+        self.last_update: tuple[int, bytes] | None = None   # (round, envelope) of the last upload
         self.machine = SiloMachine(cfg.rank)
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
         self.global_bytes: bytes = b""
@@ -52,8 +64,8 @@ class SiloDaemon:
         self.tasks: set[asyncio.Task[Any]] = set()
 
     def _envelope(self, type_: MsgType, round_: int, body: dict[str, Any]) -> bytes:
-        return encode_envelope(Envelope(type=type_, run_id=self.cfg.run_id, round=round_,
-                                        sender=self.cfg.rank, body=body))
+        return encode_envelope(self.signer.sign(Envelope(type=type_, run_id=self.cfg.run_id, round=round_,
+                                                         sender=self.cfg.rank, body=body)))
 
     # -- messages -----------------------------------------------------------------------------
     def _to_event(self, msg: Incoming) -> Event | None:
@@ -61,11 +73,11 @@ class SiloDaemon:
             return None
         try:
             env = decode_envelope(msg.payload, max_bytes=MAX_ENVELOPE)
+            if env.run_id != self.cfg.run_id or env.sender != 0:
+                raise EnvelopeError("not from this run's server")
+            self.verifier.check(env)
         except EnvelopeError as exc:
             log.warning("message_rejected", topic=msg.topic, reason=str(exc))
-            return None
-        if env.run_id != self.cfg.run_id or env.sender != 0:
-            log.warning("message_rejected", topic=msg.topic, reason="not from this run's server")
             return None
         if env.type is MsgType.ROUND_START:
             return Event(Ev.ROUND_START, round=env.round, selected=tuple(env.body["selected"]), token=env)
@@ -119,13 +131,25 @@ class SiloDaemon:
                                         res.model, self.cfg.comm.inline_payload_max_bytes)
             body = {"payload": ref, "num_samples": res.num_samples, "train_loss": res.train_loss,
                     "train_seconds": res.train_seconds}
-            await self.link.publish(topics.silo_update(self.cfg.run_id, self.cfg.rank),
-                                    self._envelope(MsgType.UPDATE, round_, body))
+            envelope = self._envelope(MsgType.UPDATE, round_, body)
+            await self.link.publish(topics.silo_update(self.cfg.run_id, self.cfg.rank), envelope)
+            self.last_update = (round_, envelope)
+            self.notifier.status(f"idle: round {round_ + 1} uploaded")
             log.info("update_sent", round=round_, num_samples=res.num_samples, bytes=ref.size,
                      train_loss=round(res.train_loss, 6), train_seconds=round(res.train_seconds, 3))
         except OctopusError as exc:
             log.error("update_upload_failed", round=round_, error=str(exc))
         self.queue.put_nowait(Event(Ev.UPLOADED, round=round_))
+
+    async def _resend_last_update(self) -> None:
+        """A server (re)started: send our last update again, in case it was received by a server
+        process that died before checkpointing its round. The same message id, so a server that
+        has it already drops the copy; one for a closed round is dropped as stale."""
+        if self.last_update is None:
+            return
+        round_, envelope = self.last_update
+        log.info("update_resent", round=round_)
+        await self.link.publish(topics.silo_update(self.cfg.run_id, self.cfg.rank), envelope)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -139,15 +163,15 @@ class SiloDaemon:
         elif k == "fetch_global":
             self._spawn(self._fetch(a["round"], a["token"]))
         elif k == "train":
+            self.notifier.status(f"training round {a['round'] + 1}")
             self._spawn(self._train(a["round"]))
         elif k == "upload":
             self._spawn(self._upload(a["round"]))
         elif k == "publish_status":
             await self._publish_status(a["state"])
         elif k == "stop_group":
-            for t in list(self.tasks):
-                t.cancel()
-            await self.group.close()
+            self.notifier.status("stopping the trainer group")
+            await self._stop_group()
         elif k in ("log", "drop"):
             log.info(a.get("msg", "message_dropped"),
                                                    **{x: y for x, y in a.items() if x != "msg"})
@@ -173,12 +197,35 @@ class SiloDaemon:
             for fx in self.machine.handle(event):
                 await self._perform(fx)
 
+    async def _stop_group(self) -> None:
+        for t in list(self.tasks):
+            t.cancel()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(self.life.shutdown_grace_s * 0.7):
+                await self.group.close()
+
     async def _watch_shutdown(self) -> None:
+        """On SIGTERM/SIGINT: the machine stops the group and says offline; cut short near the grace."""
         await self.shutdown.event.wait()
-        self.queue.put_nowait(Event(Ev.SHUTDOWN))
+        self.notifier.stopping("stopping: signal")
+        if self.serving.is_set():
+            self.queue.put_nowait(Event(Ev.SHUTDOWN))
+            # Normally the consumer ends the task group long before this deadline passes.
+            await asyncio.sleep(self.life.shutdown_grace_s * 0.75)
+            log.warning("shutdown_cut_short", waited_s=self.life.shutdown_grace_s * 0.75)
+        raise DaemonExit(int(ExitCode.OK), "signal")
+
+    async def _start_up(self, tg: asyncio.TaskGroup) -> None:
+        await self.link.wait_first_connection(self.life.connect_timeout_s)
+        log.info("silo_ready", run_id=self.cfg.run_id, world_size=self.cfg.world_size)
+        self.notifier.ready("connected; starting the trainer group")
+        tg.create_task(self._reader(), name="reader")
+        self.serving.set()
+        await self._consume()
 
     async def run(self) -> int:
         cfg = self.cfg
+        self.serving = asyncio.Event()
         status = topics.silo_status(cfg.run_id, cfg.rank)
         will = (status, self._envelope(MsgType.STATUS, -1, {"state": "offline"}))
 
@@ -187,22 +234,22 @@ class SiloDaemon:
                 await self._publish_status("online")
 
         self.link = MqttLink(cfg.comm.mqtt, f"octopusd-{cfg.run_id}-silo-{cfg.rank}", will=will,
-                             subscriptions=[topics.broadcast(cfg.run_id)], on_connect=on_connect)
+                             subscriptions=[topics.broadcast(cfg.run_id), topics.server_status(cfg.run_id)],
+                             on_connect=on_connect, first_connect_timeout_s=self.life.connect_timeout_s)
         structlog.contextvars.bind_contextvars(run_id=cfg.run_id, role="silo", silo=cfg.rank)
         try:
             async with PayloadStore(cfg.comm.s3) as self.store, asyncio.TaskGroup() as tg:
-                tg.create_task(self.link.run(), name="mqtt")
-                await self.link.ever_connected.wait()
-                log.info("silo_ready", run_id=cfg.run_id, world_size=cfg.world_size)
-                tg.create_task(self._reader(), name="reader")
                 tg.create_task(self._watch_shutdown(), name="shutdown")
-                tg.create_task(self._consume(), name="rounds")
+                tg.create_task(self.notifier.watchdog_loop(), name="watchdog")
+                tg.create_task(self.link.run(), name="mqtt")
+                tg.create_task(self._start_up(tg), name="rounds")
         except BaseExceptionGroup as group:
-            exits = [e for e in group.exceptions if isinstance(e, DaemonExit)]
-            if not exits:
+            done = first_daemon_exit(group)
+            if done is None:
                 raise
-            return exits[0].code
+            log.info("silo_exit", code=done.code, reason=done.reason)
+            return done.code
         finally:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.group.close(), 30)
+            self.notifier.stopping()
+            await self._stop_group()
         return int(ExitCode.OK)
