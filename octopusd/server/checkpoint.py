@@ -72,8 +72,9 @@ class Checkpointer:
             return None
         return meta, data
 
-    async def resume_round(self, store: PayloadStore, daemon: Any) -> int:
-        """Load the newest valid checkpoint into ``daemon``; return the round to start at."""
+    async def resume_round(self, store: PayloadStore, daemon: Any) -> int | None:
+        """Load the newest valid checkpoint into ``daemon``; return the round to start at, or None
+        when there is no usable checkpoint (a fresh run)."""
         candidates = [c for c in (await self._load_local(), await self._load_s3(store)) if c is not None]
         best: tuple[dict[str, Any], bytes] | None = None
         for meta, data in candidates:
@@ -85,13 +86,13 @@ class Checkpointer:
             if best is None or int(meta["round"]) > int(best[0]["round"]):
                 best = (meta, data)
         if best is None:
-            return 0
+            return None
         meta, data = best
         try:
             state = await asyncio.to_thread(codec.decode_state, data, expected=daemon.layout)
         except OctopusError as exc:
             log.warning("checkpoint_unusable", reason=str(exc))
-            return 0
+            return None
         daemon.global_state = state
         daemon.aggregator.load_state_dict(meta.get("aggregator") or {})
         log.info("checkpoint_resumed", round=meta["round"], next_round=int(meta["round"]) + 1)

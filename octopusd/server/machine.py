@@ -78,6 +78,7 @@ class ServerMachine:
     give_up_s: float = 3600.0
     wait_timeout_s: float = 3600.0
     seed: int = 0
+    offline_grace_s: float = 0.0   # how long a selected silo may be offline before it is dropped
     state: State = State.WAIT_SILOS
     round: int = 0
     online: set[int] = field(default_factory=set)
@@ -86,6 +87,7 @@ class ServerMachine:
     received: set[int] = field(default_factory=set)   # updates folded into the aggregate
     seen_msg_ids: set[str] = field(default_factory=set)
     deadline_passed: bool = False
+    suspect: set[int] = field(default_factory=set)    # selected, offline, within the grace
 
     # -- derived --------------------------------------------------------------------------
     def quorum(self) -> int:
@@ -114,6 +116,21 @@ class ServerMachine:
         self.state = State.WAIT_SILOS
         return [_fx("set_timer", name="wait_silos", delay=self.wait_timeout_s, round=round_)]
 
+    def resume_collect(self, round_: int, selected: tuple[int, ...]) -> list[Effect]:
+        """Adopt round ``round_`` that a previous server process already announced to ``selected``.
+
+        The silos may have trained it and their updates may be queued for us: collecting them
+        (rather than announcing the round again) is what keeps a crash from costing a round.
+        """
+        chosen = tuple(sorted({r for r in selected if 1 <= r <= self.silos_total}))
+        if not chosen:
+            return self.start(round_)
+        self.round, self.selected = round_, chosen
+        self.pending, self.received, self.suspect, self.deadline_passed = set(), set(), set(), False
+        self.state = State.COLLECT
+        return [_fx("log", msg="round_adopted", round=round_, selected=list(chosen))] + self._published(
+            Event(Ev.GLOBAL_PUBLISHED, round=round_))
+
     # -- transitions ----------------------------------------------------------------------
     def _wait_online(self, ev: Event) -> list[Effect]:
         if not 1 <= ev.rank <= self.silos_total:
@@ -130,7 +147,7 @@ class ServerMachine:
     def _publish(self) -> list[Effect]:
         self.state = State.PUBLISH_GLOBAL
         self.selected = self.select(self.round)
-        self.pending, self.received, self.deadline_passed = set(), set(), False
+        self.pending, self.received, self.suspect, self.deadline_passed = set(), set(), set(), False
         return [_fx("publish_global", round=self.round, selected=self.selected)]
 
     def _published(self, ev: Event) -> list[Effect]:
@@ -142,6 +159,10 @@ class ServerMachine:
         if not 1 <= ev.rank <= self.silos_total:  # must never count toward quorum or selection
             return self._drop(ev, "no such silo rank")
         self.online.add(ev.rank)
+        if ev.rank in self.suspect:
+            self.suspect.discard(ev.rank)
+            return [_fx("cancel_timer", name=f"offline:{ev.rank}"),
+                    _fx("log", msg="silo_back_online", silo=ev.rank, round=self.round)]
         return []
 
     def _any_offline(self, ev: Event) -> list[Effect]:
@@ -150,12 +171,22 @@ class ServerMachine:
 
     def _collect_offline(self, ev: Event) -> list[Effect]:
         self.online.discard(ev.rank)
-        if ev.rank in self.selected and ev.rank not in self.received:
-            self.selected = tuple(r for r in self.selected if r != ev.rank)
-            self.pending.discard(ev.rank)
-            fx = [_fx("log", msg="silo_dropped_from_round", silo=ev.rank, round=self.round)]
-            return fx + self._maybe_close()
-        return []
+        if ev.rank not in self.selected or ev.rank in self.received or ev.rank in self.suspect:
+            return []
+        if self.offline_grace_s > 0:
+            # A broker restart makes every client's last will fire: wait to see if it comes back.
+            self.suspect.add(ev.rank)
+            return [_fx("set_timer", name=f"offline:{ev.rank}", delay=self.offline_grace_s, round=self.round),
+                    _fx("log", msg="silo_offline_in_round", silo=ev.rank, round=self.round,
+                        grace_s=self.offline_grace_s)]
+        return self._drop_from_round(ev.rank)
+
+    def _drop_from_round(self, rank: int) -> list[Effect]:
+        self.selected = tuple(r for r in self.selected if r != rank)
+        self.pending.discard(rank)
+        self.suspect.discard(rank)
+        fx = [_fx("log", msg="silo_dropped_from_round", silo=rank, round=self.round)]
+        return fx + self._maybe_close()
 
     def _drop(self, ev: Event, reason: str) -> list[Effect]:
         return [_fx("drop", reason=reason, silo=ev.rank, round=ev.round, ev=ev.kind.value)]
@@ -206,6 +237,11 @@ class ServerMachine:
             missing = sorted(set(self.selected) - self.received)
             return [_fx("log", msg="round_deadline", round=self.round, missing=missing,
                         received=len(self.received), quorum=self.quorum())] + self._maybe_close()
+        if ev.name.startswith("offline:"):
+            rank = int(ev.name.split(":", 1)[1])
+            if rank in self.suspect and rank not in self.online and rank not in self.received:
+                return self._drop_from_round(rank)
+            return self._drop(ev, "silo came back")
         if ev.name == "give_up":
             return self._fail(ExitCode.QUORUM_LOST,
                               f"round {self.round}: {len(self.received)} of quorum {self.quorum()} "

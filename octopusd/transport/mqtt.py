@@ -10,8 +10,10 @@ on :attr:`MqttLink.incoming` for the daemon's reader.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import socket
+import uuid
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
@@ -50,13 +52,17 @@ class MqttLink:
         self._client: aiomqtt.Client | None = None
         self._generation = 0
         self._changed = asyncio.Condition()
+        self._lost = asyncio.Event()      # set when the current connection ends
         self._closing = False
+        self.last_error: str = ""
 
-    def _make_client(self) -> aiomqtt.Client:
-        will = aiomqtt.Will(self.will[0], self.will[1], qos=QOS, retain=True) if self.will else None
+    def _make_client(self, *, client_id: str | None = None, clean: bool = False,
+                     with_will: bool = True) -> aiomqtt.Client:
+        will = aiomqtt.Will(self.will[0], self.will[1], qos=QOS, retain=True) \
+            if self.will and with_will else None
         return aiomqtt.Client(
             self.cfg.host, self.cfg.port, username=self.cfg.user, password=self.cfg.password,
-            identifier=self.client_id, clean_session=False, keepalive=self.cfg.keepalive,
+            identifier=client_id or self.client_id, clean_session=clean, keepalive=self.cfg.keepalive,
             will=will, protocol=aiomqtt.ProtocolVersion.V311, timeout=10,
             # Small control messages stall on Nagle + delayed ACK without this (88 ms vs 0.7 ms).
             socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
@@ -68,7 +74,9 @@ class MqttLink:
             self._generation += 1
             if client is None:
                 self.connected.clear()
+                self._lost.set()
             else:
+                self._lost = asyncio.Event()
                 self.connected.set()
                 self.ever_connected.set()
             self._changed.notify_all()
@@ -92,6 +100,7 @@ class MqttLink:
                         payload = message.payload if isinstance(message.payload, (bytes, bytearray)) else b""
                         self.incoming.put_nowait(Incoming(str(message.topic), bytes(payload), bool(message.retain)))
             except aiomqtt.MqttError as exc:
+                self.last_error = str(exc)
                 await self._set_connected(None)
                 if self._closing:
                     return
@@ -109,20 +118,77 @@ class MqttLink:
 
     async def publish(self, topic: str, payload: bytes, *, retain: bool = False,
                       timeout_s: float | None = None) -> None:
-        """Publish with QoS 1, waiting out disconnections; raises TimeoutError after ``timeout_s``."""
+        """Publish with QoS 1, waiting out disconnections; raises TimeoutError after ``timeout_s``.
+
+        A publish that the connection's end interrupts is sent again on the next connection at
+        once (not after aiomqtt's 30 s timeout); receivers drop the duplicate by message id.
+        """
         async with asyncio.timeout(timeout_s):
             while True:
                 await self.connected.wait()
-                client, gen = self._client, self._generation
+                client, gen, lost = self._client, self._generation, self._lost
                 if client is None:
                     continue
-                try:
-                    await client.publish(topic, payload, qos=QOS, retain=retain, timeout=30)
+                if await self._publish_once(client, lost, topic, payload, retain):
                     return
-                except aiomqtt.MqttError as exc:
-                    log.info("mqtt_publish_retry", topic=topic, error=str(exc))
-                    async with self._changed:
-                        await self._changed.wait_for(lambda: self._generation != gen)
+                async with self._changed:
+                    await self._changed.wait_for(lambda: self._generation != gen)
+
+    async def _publish_once(self, client: aiomqtt.Client, lost: asyncio.Event, topic: str,
+                            payload: bytes, retain: bool) -> bool:
+        """True once the broker acknowledged; False if the connection ended or the publish failed."""
+        pub = asyncio.ensure_future(client.publish(topic, payload, qos=QOS, retain=retain, timeout=30))
+        gone = asyncio.ensure_future(lost.wait())
+        try:
+            await asyncio.wait({pub, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not pub.done():
+                pub.cancel()
+                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                    await pub
+        if pub.done() and not pub.cancelled():
+            try:
+                pub.result()
+                return True
+            except aiomqtt.MqttError as exc:
+                log.info("mqtt_publish_retry", topic=topic, error=str(exc))
+                return False
+        log.info("mqtt_publish_retry", topic=topic, error="connection lost before the broker acknowledged")
+        return False
+
+    async def fetch_retained(self, topic: str, *, timeout_s: float = 10.0) -> bytes | None:
+        """The message the broker retains on ``topic`` (None if there is none).
+
+        Uses a separate clean-session connection. After subscribing to ``topic`` it publishes a
+        probe to a private topic it also subscribed to: the broker sends retained messages right
+        after the SUBACK, so once the probe comes back every retained message has arrived.
+        """
+        probe = f"{topic}/probe/{uuid.uuid4().hex}"
+        found: bytes | None = None
+        async with asyncio.timeout(timeout_s):
+            async with self._make_client(client_id=f"{self.client_id}-probe-{uuid.uuid4().hex[:8]}",
+                                         clean=True, with_will=False) as client:
+                await client.subscribe(topic, qos=QOS)
+                await client.subscribe(probe, qos=QOS)
+                await client.publish(probe, b"probe", qos=QOS)
+                async for message in client.messages:
+                    if str(message.topic) == probe:
+                        return found
+                    if str(message.topic) == topic and message.retain:
+                        payload = message.payload
+                        found = bytes(payload) if isinstance(payload, (bytes, bytearray)) else None
+        return found
+
+    async def wait_first_connection(self, timeout_s: float) -> None:
+        """Return once connected; BrokerUnreachableError if that takes longer than ``timeout_s``."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.ever_connected.wait()
+        except TimeoutError:
+            why = f": {self.last_error}" if self.last_error else ""
+            raise BrokerUnreachableError(
+                f"MQTT broker {self.cfg.host}:{self.cfg.port} unreachable for {timeout_s:g} s{why}") from None
 
     async def close(self) -> None:
         """Stop reconnecting; the caller cancels :meth:`run` afterwards."""

@@ -117,6 +117,15 @@ class PayloadStore:
                 return await body.read()
         return await self._retry(f"get s3://{self.bucket}/{key}", go)
 
+    async def exists(self, key: str) -> bool:
+        async def go() -> bool:
+            await self._client.head_object(Bucket=self.bucket, Key=key)
+            return True
+        try:
+            return await self._retry(f"head s3://{self.bucket}/{key}", go)
+        except NotFoundError:
+            return False
+
     async def delete(self, keys: list[str]) -> None:
         for start in range(0, len(keys), 1000):
             chunk = [{"Key": k} for k in keys[start:start + 1000]]
