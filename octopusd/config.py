@@ -95,6 +95,10 @@ class MqttConfig:
     user: str | None = None
     password: str | None = field(default=None, repr=False)
     keepalive: int = 60
+    tls_ca_file: Path | None = None        # MQTT_TLS_CA: enables TLS; the CA that signed the broker
+    tls_cert_file: Path | None = None      # MQTT_TLS_CERT: client certificate for mutual TLS
+    tls_key_file: Path | None = None       # MQTT_TLS_KEY
+    tls_insecure: bool = False             # MQTT_TLS_INSECURE: skip hostname verification (don't)
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -105,6 +109,9 @@ class S3Config:
     secret_key: str | None = field(default=None, repr=False)
     region: str = "us-east-1"
     endpoint_url: str | None = None
+    ca_bundle: Path | None = None          # CN_S3_CA_BUNDLE: custom CA for an https endpoint
+    sse: str | None = None                 # CN_S3_SSE: server-side encryption, e.g. AES256 or aws:kms
+    keep_rounds: int = 0                   # S3_KEEP_ROUNDS: keep payloads of this many closed rounds
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -316,9 +323,12 @@ def _section_source(merged_from: dict[str, str], section: str, default: str) -> 
 
 
 _MQTT_KEYS = {"BROKER_HOST": "host", "BROKER_PORT": "port", "MQTT_USER": "user",
-              "MQTT_PWD": "password", "MQTT_KEEPALIVE": "keepalive"}
+              "MQTT_PWD": "password", "MQTT_KEEPALIVE": "keepalive", "MQTT_TLS_CA": "tls_ca_file",
+              "MQTT_TLS_CERT": "tls_cert_file", "MQTT_TLS_KEY": "tls_key_file",
+              "MQTT_TLS_INSECURE": "tls_insecure"}
 _S3_KEYS = {"BUCKET_NAME": "bucket", "CN_S3_AKI": "access_key", "CN_S3_SAK": "secret_key",
-            "CN_REGION_NAME": "region", "CN_S3_ENDPOINT": "endpoint_url"}
+            "CN_REGION_NAME": "region", "CN_S3_ENDPOINT": "endpoint_url", "CN_S3_CA_BUNDLE": "ca_bundle",
+            "CN_S3_SSE": "sse", "S3_KEEP_ROUNDS": "keep_rounds"}
 
 
 def _comm(raw: Mapping[str, Any], file: str, base: Path, env: Mapping[str, str]) -> CommConfig:

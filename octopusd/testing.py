@@ -53,15 +53,19 @@ def _find(binary: str, extra: tuple[str, ...] = ()) -> str:
 class Mosquitto:
     """A real Mosquitto broker on 127.0.0.1:<port>; ``stop()``/``start()`` restart it on the same port."""
 
-    def __init__(self, workdir: Path, port: int | None = None, extra_conf: str = "") -> None:
+    def __init__(self, workdir: Path, port: int | None = None, extra_conf: str = "",
+                 anonymous: bool = True) -> None:
         self.port = port or free_port()
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.conf = self.workdir / "mosquitto.conf"
         self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"
+            f"listener {self.port} 127.0.0.1\nallow_anonymous {str(anonymous).lower()}\nset_tcp_nodelay true\n"
             f"persistence true\npersistence_location {self.workdir}/\nautosave_interval 1\n"
-            f"max_queued_messages 100000\nmessage_size_limit 0\n{extra_conf}")
+            f"max_queued_messages 100000\nmessage_size_limit 0\n"
+            # As root Mosquitto would drop to user "mosquitto", which cannot read the test's private
+            # temp dirs (persistence, certificates, password file).
+            f"{'user root' + chr(10) if os.geteuid() == 0 else ''}{extra_conf}")
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = self.workdir / "mosquitto.log"
 

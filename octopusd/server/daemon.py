@@ -225,11 +225,14 @@ class ServerDaemon:
         r = fx.args["round"]
         await self.checkpointer.save(self.store, r, self.global_state, self.aggregator.state_dict(),
                                      sorted(self.machine.online))
-        # Payloads of a closed round are no longer needed (moto keeps everything in memory).
-        keys = [s3keys.global_key(self.cfg.run_id, r)] + [
-            s3keys.update_key(self.cfg.run_id, r, k) for k in range(1, self.cfg.train.client_num_in_total + 1)]
-        with contextlib.suppress(OctopusError):
-            await self.store.delete(keys)
+        # Retention: payloads of rounds older than the last keep_rounds closed ones are deleted
+        # (they are no longer needed, and moto keeps everything in memory).
+        old = r - self.cfg.comm.s3.keep_rounds
+        keys = [s3keys.global_key(self.cfg.run_id, old)] + [
+            s3keys.update_key(self.cfg.run_id, old, k) for k in range(1, self.cfg.train.client_num_in_total + 1)]
+        if old >= 0:
+            with contextlib.suppress(OctopusError):
+                await self.store.delete(keys)
         return Event(Ev.CHECKPOINTED, round=r)
 
     async def _publish_finish(self, reason: str) -> None:

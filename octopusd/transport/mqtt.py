@@ -10,6 +10,8 @@ on :attr:`MqttLink.incoming` for the daemon's reader.
 from __future__ import annotations
 
 import asyncio
+import functools
+import ssl
 import contextlib
 import random
 import socket
@@ -56,6 +58,19 @@ class MqttLink:
         self._closing = False
         self.last_error: str = ""
 
+    @functools.cached_property
+    def _tls(self) -> ssl.SSLContext | None:
+        """TLS when a CA file is configured: broker certificate and host name verified by default."""
+        if self.cfg.tls_ca_file is None:
+            return None
+        ctx = ssl.create_default_context(cafile=str(self.cfg.tls_ca_file))
+        if self.cfg.tls_cert_file is not None:
+            ctx.load_cert_chain(str(self.cfg.tls_cert_file),
+                                str(self.cfg.tls_key_file) if self.cfg.tls_key_file else None)
+        if self.cfg.tls_insecure:
+            ctx.check_hostname = False
+        return ctx
+
     def _make_client(self, *, client_id: str | None = None, clean: bool = False,
                      with_will: bool = True) -> aiomqtt.Client:
         will = aiomqtt.Will(self.will[0], self.will[1], qos=QOS, retain=True) \
@@ -63,7 +78,7 @@ class MqttLink:
         return aiomqtt.Client(
             self.cfg.host, self.cfg.port, username=self.cfg.user, password=self.cfg.password,
             identifier=client_id or self.client_id, clean_session=clean, keepalive=self.cfg.keepalive,
-            will=will, protocol=aiomqtt.ProtocolVersion.V311, timeout=10,
+            will=will, protocol=aiomqtt.ProtocolVersion.V311, timeout=10, tls_context=self._tls,
             # Small control messages stall on Nagle + delayed ACK without this (88 ms vs 0.7 ms).
             socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
         )

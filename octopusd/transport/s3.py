@@ -53,6 +53,14 @@ class PayloadStore:
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None
 
+    @property
+    def put_args(self) -> dict[str, str]:
+        """Objects are private; server-side encryption when configured."""
+        args = {"ACL": "private"}
+        if self.cfg.sse:
+            args["ServerSideEncryption"] = self.cfg.sse
+        return args
+
     async def __aenter__(self) -> "PayloadStore":
         session = aioboto3.Session()
         boto_cfg = BotoConfig(retries={"max_attempts": 3, "mode": "standard"},
@@ -61,7 +69,7 @@ class PayloadStore:
         self._client = await self._stack.enter_async_context(session.client(
             "s3", endpoint_url=self.cfg.endpoint_url, region_name=self.cfg.region,
             aws_access_key_id=self.cfg.access_key, aws_secret_access_key=self.cfg.secret_key,
-            config=boto_cfg))
+            config=boto_cfg, verify=str(self.cfg.ca_bundle) if self.cfg.ca_bundle else None))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -103,7 +111,9 @@ class PayloadStore:
 
     async def put(self, key: str, data: bytes | bytearray | memoryview) -> None:
         async def go() -> None:
-            await self._client.put_object(Bucket=self.bucket, Key=key, Body=bytes(data) if isinstance(data, memoryview) else data)
+            await self._client.put_object(Bucket=self.bucket, Key=key,
+                                          Body=bytes(data) if isinstance(data, memoryview) else data,
+                                          **self.put_args)
         await self._retry(f"put s3://{self.bucket}/{key}", go)
 
     async def get(self, key: str, *, max_bytes: int) -> bytes:
