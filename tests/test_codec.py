@@ -4,6 +4,8 @@ Tests may use pickle and torch.save, only to produce hostile inputs; the codec n
 """
 from __future__ import annotations
 
+import os
+
 import io
 import math
 import pickle
@@ -21,7 +23,7 @@ from octopusd.codec import MAGIC, decode_state, encode_state, encoded_size, layo
 from octopusd.errors import CodecError
 
 FUZZ = settings(
-    derandomize=True, max_examples=2000, deadline=None, database=None,
+    derandomize=not os.environ.get("OCTOPUSD_FUZZ_RANDOM"), max_examples=int(os.environ.get("OCTOPUSD_FUZZ_EXAMPLES", 2000)), deadline=None, database=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 DTYPES = list(codec.DTYPES.values())

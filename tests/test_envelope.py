@@ -1,6 +1,8 @@
 """MQTT envelopes: round trips of every message type, one refusal per validation rule, fuzzing."""
 from __future__ import annotations
 
+import os
+
 import math
 from typing import Any, Callable
 
@@ -21,7 +23,7 @@ from octopusd.envelope import (
 from octopusd.errors import EnvelopeError
 
 FUZZ = settings(
-    derandomize=True, max_examples=2000, deadline=None, database=None,
+    derandomize=not os.environ.get("OCTOPUSD_FUZZ_RANDOM"), max_examples=int(os.environ.get("OCTOPUSD_FUZZ_EXAMPLES", 2000)), deadline=None, database=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 SHA = "ab" * 32
