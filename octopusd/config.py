@@ -357,6 +357,9 @@ def _comm(raw: Mapping[str, Any], file: str, base: Path, env: Mapping[str, str])
               for k, v in s3_raw.items()}
     mqtt = _build(MqttConfig, mqtt_raw, mqtt_file, "comm_args(mqtt)", _MQTT_KEYS)
     s3 = _build(S3Config, s3_raw, s3_file, "comm_args(s3)", _S3_KEYS)
+    # Secrets may stay out of config files: systemd's EnvironmentFile supplies them.
+    mqtt = dataclasses.replace(mqtt, user=mqtt.user or env.get("OCTOPUSD_MQTT_USER"),
+                               password=mqtt.password or env.get("OCTOPUSD_MQTT_PWD"))
     s3 = dataclasses.replace(
         s3,
         access_key=s3.access_key or env.get("AWS_ACCESS_KEY_ID"),
