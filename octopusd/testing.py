@@ -89,24 +89,28 @@ class Mosquitto:
 class MotoServer:
     """A real ``moto_server`` S3 endpoint process on 127.0.0.1:<port>."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, tls: tuple[Path, Path] | None = None) -> None:
         self.port = port or free_port()
+        self.tls = tls  # (certificate, key): serve https
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def endpoint_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def start(self) -> "MotoServer":
         local = Path(sys.executable).with_name("moto_server")
         exe = str(local) if local.exists() else _find("moto_server")
-        self.proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(self.port)],
+        tls = ["-s", "-c", str(self.tls[0]), "-k", str(self.tls[1])] if self.tls else []
+        self.proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(self.port), *tls],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_port(self.port, 30, self.proc)
         deadline = time.monotonic() + 30
         while True:  # the port opens a little before the app answers
             try:
-                urllib.request.urlopen(self.endpoint_url + "/moto-api/", timeout=2).read()
+                import ssl
+                ctx = ssl._create_unverified_context() if self.tls else None  # readiness probe only
+                urllib.request.urlopen(self.endpoint_url + "/moto-api/", timeout=2, context=ctx).read()
                 return self
             except Exception:
                 if time.monotonic() > deadline:

@@ -149,3 +149,28 @@ def test_tls_acl_signed_run_completes_without_leaking_secrets(secure_broker, tmp
         assert fed.stray_pids() == []
     finally:
         fed.stop()
+
+
+def test_s3_over_https_with_a_private_ca(tmp_path):
+    """An https S3 endpoint is trusted through CN_S3_CA_BUNDLE, and refused without it."""
+    from octopusd.config import S3Config
+    from octopusd.errors import StorageError
+    from octopusd.testing import MotoServer
+    from octopusd.transport.s3 import PayloadStore
+
+    pki = TestPKI(tmp_path / "pki")
+    s3 = MotoServer(tls=pki.issue("s3", server=True)).start()
+
+    async def roundtrip(ca) -> bytes:
+        cfg = S3Config(bucket="tls", access_key="k", secret_key="s", endpoint_url=s3.endpoint_url, ca_bundle=ca)
+        async with PayloadStore(cfg, attempts=1) as store:
+            await store.ensure_bucket()
+            await store.put("x", b"payload")
+            return await store.get("x", max_bytes=100)
+
+    try:
+        assert asyncio.run(roundtrip(pki.ca_file)) == b"payload"
+        with pytest.raises(StorageError):
+            asyncio.run(roundtrip(None))
+    finally:
+        s3.stop()
