@@ -48,6 +48,23 @@ def alive(pid: int) -> bool:
         return False
 
 
+async def wait_exit(pid: int) -> None:
+    """Await the exit of any process (not only a child) through a pidfd: no polling."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    loop = asyncio.get_running_loop()
+    exited = loop.create_future()
+    loop.add_reader(fd, lambda: exited.done() or exited.set_result(None))
+    try:
+        if alive(pid):  # a zombie child is dead for us even though its pidfd is not yet readable
+            await exited
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
 async def terminate_tree(proc: asyncio.subprocess.Process, grace_s: float) -> int:
     """SIGTERM a process and all its descendants, SIGKILL what is left after ``grace_s``."""
     tree = descendants(proc.pid)
@@ -57,8 +74,7 @@ async def terminate_tree(proc: asyncio.subprocess.Process, grace_s: float) -> in
     try:
         async with asyncio.timeout(grace_s):
             await proc.wait()
-            while any(alive(p) for p in tree):
-                await asyncio.sleep(0.05)  # bounded by the grace timeout; pids have no awaitable
+            await asyncio.gather(*(wait_exit(p) for p in tree))
     except TimeoutError:
         pass
     tree += descendants(proc.pid)
