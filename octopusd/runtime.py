@@ -193,3 +193,18 @@ class DaemonExit(Exception):
     def __init__(self, code: int, reason: str = "") -> None:
         self.code, self.reason = code, reason
         super().__init__(f"exit {code}: {reason}")
+
+
+async def pump_messages(incoming: "asyncio.Queue[Any]", to_event: Callable[[Any], Any],
+                        events: "asyncio.Queue[Any]", log: Any) -> None:
+    """Turn MQTT messages into machine events forever; a message that breaks the handler is logged
+    and dropped — nothing from the network may kill a daemon."""
+    while True:
+        msg = await incoming.get()
+        try:
+            event = to_event(msg)
+        except Exception as exc:  # noqa: BLE001 - see docstring
+            log.error("message_handler_error", topic=getattr(msg, "topic", "?"), error=repr(exc))
+            continue
+        if event is not None:
+            events.put_nowait(event)

@@ -27,7 +27,7 @@ from octopusd.lifecycle import lifecycle
 from octopusd.notify import Notifier
 from octopusd.payload import decode_payload, fetch_payload, publish_payload
 from octopusd.plugins import PluginManager, load_plugins
-from octopusd.runtime import DaemonExit, Shutdown, Timers, first_daemon_exit
+from octopusd.runtime import DaemonExit, Shutdown, Timers, first_daemon_exit, pump_messages
 from octopusd.server.checkpoint import Checkpointer
 from octopusd.server.machine import Effect, Ev, Event, ServerMachine
 from octopusd.transport import s3 as s3keys, topics
@@ -126,15 +126,7 @@ class ServerDaemon:
         return None
 
     async def _reader(self, link: MqttLink) -> None:
-        while True:
-            msg = await link.incoming.get()
-            try:
-                event = self._to_event(msg)
-            except Exception as exc:  # never let a network message kill the daemon
-                log.error("message_handler_error", topic=msg.topic, error=repr(exc))
-                continue
-            if event is not None:
-                self.queue.put_nowait(event)
+        await pump_messages(link.incoming, self._to_event, self.queue, log)
 
     # -- effects ------------------------------------------------------------------------------
     async def _publish_global(self, fx: Effect) -> Event:

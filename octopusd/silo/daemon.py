@@ -21,7 +21,7 @@ from octopusd.lifecycle import lifecycle
 from octopusd.notify import Notifier
 from octopusd.payload import fetch_payload, publish_payload
 from octopusd.plugins import PluginManager, load_plugins
-from octopusd.runtime import DaemonExit, Shutdown, first_daemon_exit
+from octopusd.runtime import DaemonExit, Shutdown, first_daemon_exit, pump_messages
 from octopusd.server.machine import Effect
 from octopusd.silo.group import TrainerGroup, TrainResult
 from octopusd.silo.machine import Ev, Event, SiloMachine
@@ -88,15 +88,7 @@ class SiloDaemon:
         return None
 
     async def _reader(self) -> None:
-        while True:
-            msg = await self.link.incoming.get()
-            try:
-                event = self._to_event(msg)
-            except Exception as exc:  # never let a network message kill the daemon
-                log.error("message_handler_error", topic=msg.topic, error=repr(exc))
-                continue
-            if event is not None:
-                self.queue.put_nowait(event)
+        await pump_messages(self.link.incoming, self._to_event, self.queue, log)
 
     # -- effects (long ones run as tasks that post their completion) --------------------------
     async def _launch(self) -> None:
