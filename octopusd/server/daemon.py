@@ -111,7 +111,8 @@ class ServerDaemon:
             return None
         if kind == "status" and env.type is MsgType.STATUS:
             # A replayed old status (say "offline") must not override a newer one. (Not timestamps:
-            # a last-will is signed when its silo starts, long before it is published.)
+            # a last-will is signed when its silo connects, long before it is published; each
+            # connection has a will of its own, so a second real disconnection is not a replay.)
             seen = self.status_ids.setdefault(rank, set())
             if env.msg_id in seen and not msg.retain:
                 log.warning("message_rejected", topic=msg.topic, reason="replayed status message")
@@ -385,12 +386,14 @@ class ServerDaemon:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.serving = asyncio.Event()
         status = topics.server_status(cfg.run_id)
-        offline = self._envelope(MsgType.STATUS, -1, {"state": "offline"})
+
+        def offline_will() -> bytes:
+            return self._envelope(MsgType.STATUS, -1, {"state": "offline"})
 
         async def on_connect() -> None:
             await self.link.publish(status, self._envelope(MsgType.STATUS, -1, {"state": "online"}), retain=True)
 
-        self.link = MqttLink(cfg.comm.mqtt, f"octopusd-{cfg.run_id}-server", will=(status, offline),
+        self.link = MqttLink(cfg.comm.mqtt, f"octopusd-{cfg.run_id}-server", will=(status, offline_will),
                              subscriptions=topics.silo_wildcards(cfg.run_id), on_connect=on_connect,
                              first_connect_timeout_s=self.life.connect_timeout_s)
         structlog.contextvars.bind_contextvars(run_id=cfg.run_id, role="server")

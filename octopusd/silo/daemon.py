@@ -69,7 +69,8 @@ class SiloDaemon:
 
     # -- messages -----------------------------------------------------------------------------
     def _to_event(self, msg: Incoming) -> Event | None:
-        if msg.topic != topics.broadcast(self.cfg.run_id) or not msg.payload:
+        server_status = msg.topic == topics.server_status(self.cfg.run_id)
+        if (msg.topic != topics.broadcast(self.cfg.run_id) and not server_status) or not msg.payload:
             return None
         try:
             env = decode_envelope(msg.payload, max_bytes=MAX_ENVELOPE)
@@ -78,6 +79,11 @@ class SiloDaemon:
             self.verifier.check(env)
         except EnvelopeError as exc:
             log.warning("message_rejected", topic=msg.topic, reason=str(exc))
+            return None
+        if server_status:
+            # A server process came (back) online: it may have lost an update it had taken.
+            if env.type is MsgType.STATUS and env.body["state"] == "online":
+                self._spawn(self._resend_last_update())
             return None
         if env.type is MsgType.ROUND_START:
             return Event(Ev.ROUND_START, round=env.round, selected=tuple(env.body["selected"]), token=env)
@@ -219,7 +225,7 @@ class SiloDaemon:
         cfg = self.cfg
         self.serving = asyncio.Event()
         status = topics.silo_status(cfg.run_id, cfg.rank)
-        will = (status, self._envelope(MsgType.STATUS, -1, {"state": "offline"}))
+        will = (status, lambda: self._envelope(MsgType.STATUS, -1, {"state": "offline"}))
 
         async def on_connect() -> None:
             if self.machine.state.value not in ("starting", "done"):

@@ -57,6 +57,7 @@ class SiloMachine:
     state: State = State.STARTING
     current: int = -1          # round being worked on
     last_done: int = -1        # highest round whose update was uploaded
+    newest: int = -1           # highest round announced (to anyone): older rounds are closed
     next_job: Event | None = None
     finishing: bool = False
 
@@ -77,9 +78,14 @@ class SiloMachine:
             return "silo not selected this round"
         if ev.round <= self.last_done or ev.round == self.current:
             return "round already handled"
+        if ev.round < self.newest:
+            # The server announces a round only after closing the one before: this one is over
+            # (e.g. announcements queued for us while this silo master was down).
+            return "a newer round was announced"
         return None
 
     def _announce(self, ev: Event) -> list[Effect]:
+        self.newest = max(self.newest, ev.round)
         why = self._wanted(ev)
         if why:
             return [_fx("drop", reason=why, round=ev.round)]

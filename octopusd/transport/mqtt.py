@@ -38,7 +38,8 @@ class Incoming:
 
 
 class MqttLink:
-    def __init__(self, cfg: MqttConfig, client_id: str, *, will: tuple[str, bytes] | None,
+    def __init__(self, cfg: MqttConfig, client_id: str, *,
+                 will: tuple[str, bytes | Callable[[], bytes]] | None,
                  subscriptions: list[str], on_connect: Callable[[], Awaitable[None]] | None = None,
                  first_connect_timeout_s: float = 30.0, max_backoff_s: float = 10.0) -> None:
         self.cfg = cfg
@@ -73,8 +74,12 @@ class MqttLink:
 
     def _make_client(self, *, client_id: str | None = None, clean: bool = False,
                      with_will: bool = True) -> aiomqtt.Client:
-        will = aiomqtt.Will(self.will[0], self.will[1], qos=QOS, retain=True) \
-            if self.will and with_will else None
+        will = None
+        if self.will and with_will:
+            # A callable will gives every connection its own message (its own message id), so a
+            # receiver that drops replayed messages still sees each real disconnection.
+            payload = self.will[1]() if callable(self.will[1]) else self.will[1]
+            will = aiomqtt.Will(self.will[0], payload, qos=QOS, retain=True)
         return aiomqtt.Client(
             self.cfg.host, self.cfg.port, username=self.cfg.user, password=self.cfg.password,
             identifier=client_id or self.client_id, clean_session=clean, keepalive=self.cfg.keepalive,

@@ -1,0 +1,65 @@
+"""kill -9 of the server mid-round: the same command started again resumes from its checkpoint,
+adopts the round in flight instead of announcing it again, collects the updates the silos sent
+while it was down (queued by the broker for its persistent session) and the one the dead process
+had already taken (sent again by its silo when the server comes back online), and ends with the
+exact model of an uninterrupted run."""
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from octopusd import codec
+from octopusd.testing import Federation
+
+from .helpers import count_events, events, max_diff, reference_fedavg, wait_for, wait_for_event
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+
+@pytest.mark.parametrize("crash_round", [0, 1], ids=["before-any-checkpoint", "after-an-aggregation"])
+def test_server_killed_mid_round_resumes_and_matches_an_uninterrupted_run(tmp_path, mosquitto, moto_s3,
+                                                                          crash_round):
+    """The server dies after folding silo 1's update of round ``crash_round`` while silo 2 (slow:
+    20 epochs) still trains it; silo 2 uploads while no server runs. Restarted, the server
+    resumes (round 1: from the round-0 checkpoint; round 0: with no checkpoint, yet not as a
+    fresh run), no silo trains any round twice, every process exits 0 and the final model
+    equals the reference FedAvg within 1e-5."""
+    rounds = 3
+    fed = Federation(tmp_path, mosquitto.port, moto_s3.endpoint_url, rounds=rounds, silo_procs=(1, 1),
+                     silo_sections={2: {"train_args": {"epochs": 20}}})
+    try:
+        fed.start_all()
+        wait_for_event(fed, "server", "update_folded", 150, silo=1, round=crash_round)
+        assert count_events(fed, "server", "update_folded", silo=2, round=crash_round) == 0
+        os.kill(fed.procs["server"].pid, signal.SIGKILL)
+        assert fed.procs["server"].wait(10) == -signal.SIGKILL
+        has_checkpoint = (fed.run_dir / "state" / "checkpoint.json").exists()
+        assert has_checkpoint == (crash_round > 0)
+
+        # Silo 2 finishes the round and uploads while no server is running.
+        wait_for_event(fed, "silo2", "update_sent", 60, round=crash_round)
+        seen = len(events(fed, "server"))
+        fed.start("server", 0)
+        codes = fed.wait_all(timeout_s=150)
+        assert codes == {"server": 0, "silo1": 0, "silo2": 0}, {n: fed.log_text(n)[-3000:] for n in codes}
+
+        second = events(fed, "server")[seen:]
+        ready = next(e for e in second if e.get("event") == "server_ready")
+        assert ready["start_round"] == crash_round and ready["adopted_round"] is True
+        assert ready["resumed"] is has_checkpoint
+        # The round in flight was adopted, not announced again; both updates were counted.
+        assert not any(e.get("event") == "round_started" and e.get("round") == crash_round for e in second)
+        assert {e["silo"] for e in second if e.get("event") == "update_folded"
+                and e.get("round") == crash_round} == {1, 2}
+        for silo in ("silo1", "silo2"):
+            trained = [e["round"] for e in events(fed, silo) if e.get("event") == "trainer_round_done"]
+            assert trained == list(range(rounds)), (silo, trained)
+
+        final = codec.decode_state((fed.run_dir / "final_model.octt").read_bytes())
+        expected = reference_fedavg(fed.config, {1: 1, 2: 1}, [{1, 2}] * rounds)
+        assert max_diff(final, expected) <= 1e-5
+        assert fed.stray_pids() == []
+    finally:
+        fed.stop()
