@@ -352,9 +352,29 @@ def _materialize(mv: memoryview, entries: list[_Entry], data_start: int) -> dict
     return out
 
 
+def _views(mv: memoryview, entries: list[_Entry], data_start: int) -> dict[str, torch.Tensor]:
+    """Tensors that share the (writable, little-endian) payload's memory: no copy at all."""
+    out: dict[str, torch.Tensor] = {}
+    for e in entries:
+        dtype = DTYPES[e.dtype]
+        if not e.nbytes:
+            out[e.name] = torch.empty(e.shape, dtype=dtype)
+            continue
+        start = data_start + e.offset
+        if e.dtype == "bool" and np.frombuffer(mv, np.uint8, e.nbytes, start).max() > 1:
+            raise CodecError(f"tensor {e.name!r}: bool bytes must be 0 or 1")
+        flat = torch.frombuffer(mv, dtype=torch.uint8, count=e.nbytes, offset=start)
+        out[e.name] = flat.view(dtype).view(e.shape)
+    return out
+
+
 def _check_finite(state: Mapping[str, torch.Tensor]) -> None:
     for name, t in state.items():
         if t.is_floating_point() and t.numel():
+            # A NaN or infinity makes the sum non-finite, so a finite sum proves the tensor
+            # finite in one fast pass; only a non-finite sum (or an overflow) needs the count.
+            if bool(torch.isfinite(t.sum())):
+                continue
             bad = int((~torch.isfinite(t)).sum())
             if bad:
                 raise CodecError(f"tensor {name!r} has {bad} non-finite value(s)")
@@ -366,6 +386,7 @@ def decode_state(
     max_bytes: int = DEFAULT_MAX_BYTES,
     expected: Mapping[str, tuple[str, tuple[int, ...]]] | None = None,
     check_finite: bool = False,
+    copy: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Decode a payload made by :func:`encode_state` into a new ``{name: tensor}`` dict.
 
@@ -374,13 +395,21 @@ def decode_state(
     their memory (the input may be reused or freed) and keep the encoded order. With
     ``check_finite`` a NaN or infinity in a floating-point tensor is rejected. Every failure
     raises :class:`CodecError`, whatever the input.
+
+    With ``copy=False`` and a writable input (a ``bytearray``, say) on a little-endian host, the
+    tensors are views into ``data`` instead: no copy and no extra memory, but they alias the
+    buffer, which must then stay alive and unmodified while they are in use. A read-only input
+    (``bytes``) is copied as with ``copy=True``.
     """
     try:
         mv = _as_view(data)
         entries, data_start = _parse(mv, max_bytes)
         if expected is not None:
             _check_expected(entries, expected)
-        state = _materialize(mv, entries, data_start)
+        if copy or mv.readonly or not _NATIVE_LE:
+            state = _materialize(mv, entries, data_start)
+        else:
+            state = _views(mv, entries, data_start)
         if check_finite:
             _check_finite(state)
         return state

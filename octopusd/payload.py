@@ -12,35 +12,40 @@ from octopusd.errors import PayloadError
 from octopusd.transport.s3 import PayloadStore
 
 
-
 async def publish_payload(store: PayloadStore, key: str, data: bytes | bytearray,
                           inline_max: int) -> PayloadRef:
     """Upload ``data`` under ``key`` (or keep it inline when small) and describe it."""
-    digest = await asyncio.to_thread(sha256_hex, data)
     if len(data) <= inline_max:
-        return PayloadRef(sha256=digest, size=len(data), inline=bytes(data))
-    await store.put(key, data)
+        return PayloadRef(sha256=sha256_hex(data), size=len(data), inline=bytes(data))
+    # The digest is only needed once the upload is done: hash on another core meanwhile.
+    digest, _ = await asyncio.gather(asyncio.to_thread(sha256_hex, data), store.put(key, data))
     return PayloadRef(sha256=digest, size=len(data), key=key)
 
 
-async def fetch_payload(store: PayloadStore, ref: PayloadRef, *, max_bytes: int) -> bytes:
-    """The announced bytes, verified against the announced size and sha256."""
+async def fetch_payload(store: PayloadStore, ref: PayloadRef, *, max_bytes: int) -> bytes | bytearray:
+    """The announced bytes, verified against the announced size and sha256.
+
+    An S3 payload comes back as a writable ``bytearray`` hashed while it streamed in, so
+    :func:`decode_payload` can decode it without copying.
+    """
     if ref.size > max_bytes:
         raise PayloadError(f"announced payload of {ref.size} bytes exceeds the {max_bytes}-byte cap")
+    data: bytes | bytearray
     if ref.inline is not None:
         data = ref.inline
+        digest = sha256_hex(data)
     else:
         assert ref.key is not None
-        data = await store.get(ref.key, max_bytes=max_bytes)
+        data, digest = await store.get_hashed(ref.key, max_bytes=max_bytes)
     if len(data) != ref.size:
         raise PayloadError(f"payload is {len(data)} bytes, announced {ref.size}")
-    digest = await asyncio.to_thread(sha256_hex, data)
     if digest != ref.sha256:
         raise PayloadError(f"payload sha256 {digest[:16]}… does not match announced {ref.sha256[:16]}…")
     return data
 
 
-async def decode_payload(data: bytes, layout: Mapping[str, tuple[str, tuple[int, ...]]],
+async def decode_payload(data: bytes | bytearray, layout: Mapping[str, tuple[str, tuple[int, ...]]],
                          max_bytes: int) -> dict[str, torch.Tensor]:
+    """Decode and validate (layout, finite values) off the loop; tensors may alias ``data``."""
     return await asyncio.to_thread(codec.decode_state, data, max_bytes=max_bytes,
-                                   expected=layout, check_finite=True)
+                                   expected=layout, check_finite=True, copy=False)

@@ -129,7 +129,8 @@ def _serve_rank0(trainer: Trainer, sock: socket.socket, log: Any) -> None:
             return
         round_ = int(header.get("round", -1))
         try:
-            state = codec.decode_state(blob, expected=trainer.layout, check_finite=True)
+            # Views into the received buffer: load_state_dict below is the only copy.
+            state = codec.decode_state(blob, expected=trainer.layout, check_finite=True, copy=False)
         except CodecError as exc:
             channel.send_frame_sync(sock, {"op": "error", "round": round_, "message": str(exc)})
             continue
