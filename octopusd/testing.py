@@ -178,9 +178,10 @@ class Federation:
     def run_dir(self) -> Path:
         return self.workdir / "log" / self.run_id
 
-    def start(self, role: str, rank: int) -> subprocess.Popen[bytes]:
+    def start(self, role: str, rank: int, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start ``octopusd server`` (rank 0) or ``octopusd silo --rank N``; ``env`` adds variables."""
         name = "server" if rank == 0 else f"silo{rank}"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
         log = open(self.workdir / f"{name}.log", "ab")
         proc = subprocess.Popen([sys.executable, "-m", "octopusd", role, "--cf", str(self.config),
                                  "--rank", str(rank), "--log-format", "json"],

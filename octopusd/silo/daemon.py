@@ -62,6 +62,7 @@ class SiloDaemon:
         self.global_bytes: bytes = b""
         self.result: TrainResult | None = None
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.tg: asyncio.TaskGroup | None = None
 
     def _envelope(self, type_: MsgType, round_: int, body: dict[str, Any]) -> bytes:
         return encode_envelope(self.signer.sign(Envelope(type=type_, run_id=self.cfg.run_id, round=round_,
@@ -150,7 +151,9 @@ class SiloDaemon:
         await self.link.publish(topics.silo_update(self.cfg.run_id, self.cfg.rank), envelope)
 
     def _spawn(self, coro: Any) -> None:
-        task = asyncio.create_task(coro)
+        # In the daemon's task group: an unexpected exception ends the daemon (exit 1, a restart
+        # under systemd) instead of leaving the machine waiting for a completion forever.
+        task = self.tg.create_task(coro) if self.tg is not None else asyncio.create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
@@ -214,6 +217,7 @@ class SiloDaemon:
         raise DaemonExit(int(ExitCode.OK), "signal")
 
     async def _start_up(self, tg: asyncio.TaskGroup) -> None:
+        self.tg = tg
         await self.link.wait_first_connection(self.life.connect_timeout_s)
         log.info("silo_ready", run_id=self.cfg.run_id, world_size=self.cfg.world_size)
         self.notifier.ready("connected; starting the trainer group")
