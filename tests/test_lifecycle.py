@@ -125,7 +125,8 @@ async def test_watchdog_loop_pings_every_half_period(tmp_path):
         except BlockingIOError:
             break
     sock.close()
-    assert 4 <= pings <= 6, pings    # at 0, 50, 100, 150, 200 ms
+    # At 0, 50, 100, 150, 200 ms; fewer on a loaded machine, never more often than every 50 ms.
+    assert 2 <= pings <= 6, pings
 
 
 # -- log level reload (SIGHUP) ----------------------------------------------------------------
