@@ -85,6 +85,7 @@ class ServerDaemon:
         self.checkpointer = Checkpointer(cfg)
         self.run_dir = cfg.run_dir
         self._test_set: Any = None
+        self._checkpoint_task: asyncio.Task[None] | None = None
         self._offline_sent = False
 
     def _initial_model(self) -> torch.nn.Module:
@@ -135,6 +136,7 @@ class ServerDaemon:
         data = await asyncio.to_thread(codec.encode_state, self.global_state)
         ref = await publish_payload(self.store, s3keys.global_key(self.cfg.run_id, r), data,
                                     self.cfg.comm.inline_payload_max_bytes)
+        await self._checkpoint_settled()  # never announce a round before its predecessor is saved
         await self._begin_collect(r, selected)
         body = {"selected": list(selected), "payload": ref, "deadline_s": self.cfg.train.round_deadline_s}
         await self.link.publish(topics.broadcast(self.cfg.run_id), self._envelope(MsgType.ROUND_START, r, body),
@@ -215,9 +217,23 @@ class ServerDaemon:
         return Event(Ev.EVALUATED, round=r)
 
     async def _checkpoint(self, fx: Effect) -> Event:
-        r = fx.args["round"]
-        await self.checkpointer.save(self.store, r, self.global_state, self.aggregator.state_dict(),
-                                     sorted(self.machine.online))
+        # The save runs while the next global is encoded and uploaded (same bytes, both on the
+        # critical path otherwise); _publish_global awaits it before announcing the next round,
+        # and every exit path awaits it, so what a crash or restart can observe is unchanged.
+        await self._checkpoint_settled()
+        self._checkpoint_task = asyncio.create_task(self._save_checkpoint(
+            fx.args["round"], self.global_state, self.aggregator.state_dict(), sorted(self.machine.online)))
+        return Event(Ev.CHECKPOINTED, round=fx.args["round"])
+
+    async def _checkpoint_settled(self) -> None:
+        """Wait for the deferred checkpoint save; its errors surface here."""
+        task, self._checkpoint_task = self._checkpoint_task, None
+        if task is not None:
+            await task
+
+    async def _save_checkpoint(self, r: int, state: dict[str, torch.Tensor], agg: dict[str, Any],
+                               roster: list[int]) -> None:
+        await self.checkpointer.save(self.store, r, state, agg, roster)
         # Retention: payloads of rounds older than the last keep_rounds closed ones are deleted
         # (they are no longer needed, and moto keeps everything in memory).
         old = r - self.cfg.comm.s3.keep_rounds
@@ -226,9 +242,9 @@ class ServerDaemon:
         if old >= 0:
             with contextlib.suppress(OctopusError):
                 await self.store.delete(keys)
-        return Event(Ev.CHECKPOINTED, round=r)
 
     async def _publish_finish(self, reason: str) -> None:
+        await self._checkpoint_settled()
         final = self.run_dir / "final_model.octt"
         self.run_dir.mkdir(parents=True, exist_ok=True)
         data = await asyncio.to_thread(codec.encode_state, self.global_state)
@@ -275,6 +291,8 @@ class ServerDaemon:
                     await self._publish_finish(f"failed: {a['reason']}")
             raise DaemonExit(a["code"], a["reason"])
         elif k == "exit":
+            with contextlib.suppress(Exception):
+                await self._checkpoint_settled()
             raise DaemonExit(a["code"], a.get("reason", ""))
         else:
             raise OctopusError(f"server: unknown effect {k}")

@@ -67,7 +67,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 @dataclass
 class TrainResult:
     round: int
-    model: bytes
+    model: bytes | bytearray
     num_samples: int
     train_loss: float
     train_seconds: float
@@ -83,10 +83,10 @@ class TrainerGroup:
         self.stop_grace_s = stop_grace_s
         self._dir = tempfile.mkdtemp(prefix="octopusd-")
         self.socket_path = os.path.join(self._dir, f"silo{cfg.rank}.sock")
-        self._server: asyncio.AbstractServer | None = None
-        self._conn: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
+        self._listener: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._conn: asyncio.Queue[socket.socket] = asyncio.Queue()
+        self._sock: socket.socket | None = None       # the connection from rank 0
         self.handle: GroupHandle | None = None
         self._exit: asyncio.Task[int] | None = None
         self.num_samples = 0
@@ -115,10 +115,13 @@ class TrainerGroup:
 
     async def start(self) -> None:
         """Launch the group and wait for rank 0's hello (bounded by trainer_start_timeout_s)."""
-        if self._server is None:
-            self._server = await asyncio.start_unix_server(
-                lambda r, w: self._conn.put_nowait((r, w)), path=self.socket_path)
+        if self._listener is None:
+            self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._listener.bind(self.socket_path)
             os.chmod(self.socket_path, 0o600)
+            self._listener.listen()
+            self._listener.setblocking(False)
+            self._accepting = asyncio.create_task(self._accept(), name="trainer-channel-accept")
         self.launches += 1
         self.handle = await self.launcher.start(self.spec())
         self._exit = asyncio.create_task(self.handle.wait(), name="trainer-group-exit")
@@ -126,8 +129,8 @@ class TrainerGroup:
                  world_size=self.cfg.world_size)
         try:
             async with asyncio.timeout(self.cfg.dist.trainer_start_timeout_s):
-                self._reader, self._writer = await self._race(self._conn.get(), "start")
-                header, _ = await self._race(channel.read_frame(self._reader), "start")
+                self._sock = await self._race(self._conn.get(), "start")
+                header, _ = await self._race(channel.read_frame(self._sock), "start")
         except TimeoutError:
             await self.stop()
             raise TrainerError(f"trainer group did not start within "
@@ -137,6 +140,14 @@ class TrainerGroup:
             raise TrainerError(f"trainer rank 0 sent {header.get('op')!r} instead of hello")
         self.num_samples = int(header.get("num_samples", 0))
         log.info("trainer_group_ready", world_size=header.get("world_size"), num_samples=self.num_samples)
+
+    async def _accept(self) -> None:
+        assert self._listener is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(self._listener)
+            channel.tune(conn)
+            self._conn.put_nowait(conn)
 
     async def _race(self, aw: Any, what: str) -> Any:
         """Await ``aw`` unless the group exits first."""
@@ -151,15 +162,15 @@ class TrainerGroup:
         raise TrainerError(f"trainer group exited with code {self._exit.result()} during {what}")
 
     async def _train_once(self, round_: int, model: bytes) -> TrainResult:
-        if self._writer is None or self._reader is None:
+        if self._sock is None:
             raise TrainerError("trainer group is not running")
-        await channel.send_frame(self._writer, {"op": "train", "round": round_}, model)
-        header, blob = await self._race(channel.read_frame(self._reader), f"round {round_}")
+        await self._race(channel.send_frame(self._sock, {"op": "train", "round": round_}, model), f"round {round_}")
+        header, blob = await self._race(channel.read_frame(self._sock), f"round {round_}")
         if header.get("op") == "error":
             raise WireError(f"trainer rejected the global model: {header.get('message')}")
         if header.get("op") != "result" or header.get("round") != round_:
             raise TrainerError(f"unexpected trainer reply {header.get('op')!r} for round {header.get('round')}")
-        return TrainResult(round_, bytes(blob), int(header["num_samples"]),
+        return TrainResult(round_, blob, int(header["num_samples"]),
                            float(header.get("train_loss", float("nan"))), float(header.get("train_seconds", 0.0)))
 
     async def train(self, round_: int, model: bytes) -> TrainResult:
@@ -178,11 +189,12 @@ class TrainerGroup:
 
     async def stop(self) -> None:
         """Stop the group on every node: ask rank 0 politely, then the launcher stops the rest."""
-        if self._writer is not None:
+        if self._sock is not None:
             with contextlib.suppress(Exception):
-                await channel.send_frame(self._writer, {"op": "stop"})
-                self._writer.close()
-        self._reader = self._writer = None
+                async with asyncio.timeout(5):
+                    await channel.send_frame(self._sock, {"op": "stop"})
+            self._sock.close()
+        self._sock = None
         if self.handle is not None and self._exit is not None:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(5.0, self.stop_grace_s)):
@@ -195,9 +207,16 @@ class TrainerGroup:
 
     async def close(self) -> None:
         await self.stop()
-        if self._server is not None:
-            self._server.close()
-            self._server = None
+        if self._accepting is not None:
+            self._accepting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accepting
+            self._accepting = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        while not self._conn.empty():
+            self._conn.get_nowait().close()
         with contextlib.suppress(OSError):
             os.unlink(self.socket_path)
         with contextlib.suppress(OSError):

@@ -193,6 +193,7 @@ def run_trainer(cfg: Config, socket_path: str, *, dataset: Any = None,
         if rank == 0:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.connect(socket_path)
+                channel.set_buffers(sock)
                 channel.send_frame_sync(sock, {"op": "hello", "world_size": world,
                                                "num_samples": len(trainer.partition), "pid": os.getpid()})
                 _serve_rank0(trainer, sock, log)
