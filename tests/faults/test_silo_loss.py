@@ -61,9 +61,10 @@ def test_killed_silo_is_dropped_then_rejoins_after_restart(tmp_path, mosquitto, 
         assert both_after, f"silo 2 did not rejoin after its restart: {[x['silos'] for x in m]}"
         # Once back, it stays in: every round after its return has both silos.
         assert all(x["silos"] == [1, 2] for x in m if x["round"] >= both_after[0]), [x["silos"] for x in m]
-        # The restarted silo skipped the rounds announced while it was down instead of training them.
+        # The restarted silo skipped the rounds announced while it was down instead of training
+        # them (the round in flight at the kill may have been trained by the killed process).
         trained = [e["round"] for e in events(fed, "silo2") if e.get("event") == "trainer_round_done"]
-        assert all(r < killed_at_round or r >= both_after[0] for r in trained), trained
+        assert all(r <= killed_at_round or r >= both_after[0] for r in trained), trained
         assert fed.stray_pids() == []
     finally:
         fed.stop()
