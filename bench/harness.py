@@ -56,24 +56,35 @@ def proc_status_kib(pid: int, field_name: str) -> int | None:
     return None
 
 
-def wait_rusage(proc: subprocess.Popen[bytes], timeout_s: float,
-                others: list[subprocess.Popen[bytes]] = ()) -> tuple[int | None, int | None]:
-    """Wait for ``proc`` (a direct child) and return (exit code, peak RSS in KiB from wait4).
+@dataclass
+class Exit:
+    """How a waited-for child ended, from ``wait4``: exit code, exact peak RSS, total CPU."""
 
-    ``wait4`` reports the kernel's exact high-water mark, so no sampling can miss the peak.
-    Raises if one of ``others`` exits with an error first (the run cannot finish then).
+    code: int | None
+    peak_rss_kib: int | None = None
+    cpu_s: float | None = None
+
+
+def wait_rusage(proc: subprocess.Popen[bytes], timeout_s: float,
+                others: Any = (), on_poll: Any = None) -> Exit:
+    """Wait for ``proc`` (a direct child); ``code`` is None after ``timeout_s``.
+
+    ``wait4`` reports the kernel's exact high-water mark and CPU time, so no sampling can miss
+    them. Raises if one of ``others`` exits with an error first (the run cannot finish then).
     """
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid == proc.pid:
             proc.returncode = os.waitstatus_to_exitcode(status)
-            return proc.returncode, int(usage.ru_maxrss)
+            return Exit(proc.returncode, int(usage.ru_maxrss), usage.ru_utime + usage.ru_stime)
         failed = [p.args for p in others if p.poll() not in (None, 0)]
         if failed:
             raise RuntimeError(f"a silo failed: {failed}")
+        if on_poll is not None:
+            on_poll()
         time.sleep(0.05)
-    return None, None
+    return Exit(None)
 
 
 def exit_on_sigterm() -> None:
@@ -171,20 +182,20 @@ class BenchRun:
             cpu0 = cpu_seconds(server.pid)
             silos = [fed.start("silo", rank) for rank in range(1, self.silos + 1)]
             try:
-                code, peak = wait_rusage(server, timeout_s, silos)
+                end = wait_rusage(server, timeout_s, silos)
             except RuntimeError as exc:
                 tails = {n: fed.log_text(n)[-2000:] for n in fed.procs}
                 raise RuntimeError(f"{exc}: {tails}") from None
-            if code is None:
+            if end.code is None:
                 raise TimeoutError(f"server did not finish within {timeout_s} s")
             silo_codes = fed.wait_all(60)
-            if code != 0 or any(c != 0 for c in silo_codes.values()):
+            if end.code != 0 or any(c != 0 for c in silo_codes.values()):
                 tails = {n: fed.log_text(n)[-2000:] for n in silo_codes}
                 raise RuntimeError(f"exit codes {silo_codes}: {tails}")
         finally:
             fed.stop()
-        return {"idle_rss_kib": idle_rss, "idle_hwm_kib": idle_hwm, "peak_rss_kib": peak,
-                "server_cpu_at_ready_s": cpu0,
+        return {"idle_rss_kib": idle_rss, "idle_hwm_kib": idle_hwm, "peak_rss_kib": end.peak_rss_kib,
+                "server_cpu_at_ready_s": cpu0, "server_cpu_s": end.cpu_s,
                 "server": read_events(fed.workdir / "server.log"),
                 "silos": {r: read_events(fed.workdir / f"silo{r}.log") for r in range(1, self.silos + 1)}}
 

@@ -44,3 +44,13 @@ def test_aggregate_bench_reports_throughputs_against_memcpy():
     assert out["bench"] == "aggregate" and out["bytes"] > 0
     for key in ("memcpy_gbps", "accumulate_gbps", "accumulate_over_memcpy", "decode_gbps", "sha256_gbps"):
         assert out[key] > 0, key
+
+
+@pytest.mark.integration
+def test_scale_bench_packs_null_trainer_silos_into_processes(tmp_path):
+    """bench/scale.py: real server, silo masters with the null trainer packed two per process."""
+    (out,) = run_bench("scale.py", "--silos", "4", "--rounds", "1", "--procs", "2",
+                       "--workdir", str(tmp_path))
+    assert out["silos"] == 4 and out["procs"] == 2 and out["rounds_measured"] >= 1
+    assert out["payload_bytes"] > 256 * 1024  # the 100 k-parameter model goes through S3
+    assert out["server_cpu_ms_per_silo_round"] > 0 and out["median_round_s"] > 0

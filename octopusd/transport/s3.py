@@ -78,6 +78,18 @@ class BufferReader(io.RawIOBase):
         return out
 
 
+_SESSION: aioboto3.Session | None = None
+
+
+def _shared_session() -> aioboto3.Session:
+    """One session per process: each session parses its own copy of the S3 service model
+    (~11 MB); many stores in one process (bench/scale.py packs hundreds) share this one."""
+    global _SESSION
+    if _SESSION is None:
+        _SESSION = aioboto3.Session()
+    return _SESSION
+
+
 class NotFoundError(StorageError):
     """The object does not exist."""
 
@@ -102,7 +114,7 @@ class PayloadStore:
         return args
 
     async def __aenter__(self) -> "PayloadStore":
-        session = aioboto3.Session()
+        session = _shared_session()
         # Payload integrity is checked end to end by the sha256 each envelope carries, so
         # botocore's per-request CRC32 and SigV4 body hash (on plain http) would only hash
         # every byte twice more: off, halving a 40 MB PUT on loopback (bench/round.py).
