@@ -30,7 +30,7 @@ def _cert(subject: str, key, issuer_name, issuer_key, *, ca: bool, san: list | N
     return b.sign(issuer_key, hashes.SHA256())
 
 
-class TestPKI:
+class PKI:
     """``ca.pem``; ``<name>.pem``/``<name>.key`` for the broker (SAN 127.0.0.1, localhost) and clients."""
 
     def __init__(self, directory: Path, name: str = "octopusd-test-ca") -> None:
@@ -67,6 +67,6 @@ def password_file(path: Path, users: dict[str, str]) -> Path:
     return path
 
 
-def tls_acl_conf(pki: TestPKI, server_cert: tuple[Path, Path], passwords: Path, acl: Path) -> str:
+def tls_acl_conf(pki: PKI, server_cert: tuple[Path, Path], passwords: Path, acl: Path) -> str:
     return (f"cafile {pki.ca_file}\ncertfile {server_cert[0]}\nkeyfile {server_cert[1]}\n"
             f"require_certificate true\npassword_file {passwords}\nacl_file {acl}\n")

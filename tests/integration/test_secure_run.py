@@ -13,7 +13,7 @@ from octopusd.security import generate_keypair
 from octopusd.testing import Federation, Mosquitto
 from octopusd.transport.mqtt import MqttLink
 
-from ..security_setup import TestPKI, acl_text, password_file, tls_acl_conf
+from ..security_setup import PKI, acl_text, password_file, tls_acl_conf
 
 pytestmark = pytest.mark.integration
 PASSWORDS = {"server": "srv-pass-5f1d", "silo-1": "s1-pass-9a7c", "silo-2": "s2-pass-3e2b"}
@@ -22,7 +22,7 @@ S3_SECRET = "s3-secret-key-77c0ffee"
 
 @pytest.fixture()
 def secure_broker(tmp_path):
-    pki = TestPKI(tmp_path / "pki")
+    pki = PKI(tmp_path / "pki")
     server_cert = pki.issue("broker", server=True)
     clients = {name: pki.issue(name) for name in PASSWORDS}
     acl = tmp_path / "acl"
@@ -69,7 +69,7 @@ def test_tls_refuses_bad_clients(secure_broker, tmp_path, case):
     broker, pki, clients = secure_broker
     kw = {}
     if case == "wrong_ca":
-        kw["tls_ca_file"] = TestPKI(tmp_path / "other", "other-ca").ca_file
+        kw["tls_ca_file"] = PKI(tmp_path / "other", "other-ca").ca_file
     elif case == "no_client_cert":
         kw.update(tls_cert_file=None, tls_key_file=None)
     else:
@@ -158,7 +158,7 @@ def test_s3_over_https_with_a_private_ca(tmp_path):
     from octopusd.testing import MotoServer
     from octopusd.transport.s3 import PayloadStore
 
-    pki = TestPKI(tmp_path / "pki")
+    pki = PKI(tmp_path / "pki")
     s3 = MotoServer(tls=pki.issue("s3", server=True)).start()
 
     async def roundtrip(ca) -> bytes:
