@@ -54,3 +54,11 @@ def test_scale_bench_packs_null_trainer_silos_into_processes(tmp_path):
     assert out["silos"] == 4 and out["procs"] == 2 and out["rounds_measured"] >= 1
     assert out["payload_bytes"] > 256 * 1024  # the 100 k-parameter model goes through S3
     assert out["server_cpu_ms_per_silo_round"] > 0 and out["median_round_s"] > 0
+
+
+@pytest.mark.integration
+def test_trainer_bench_compares_a_silo_with_a_bare_torchrun_loop(tmp_path):
+    (out,) = run_bench("trainer.py", "--model", "tiny", "--rounds", "1", "--samples", "64",
+                       "--workdir", str(tmp_path))
+    assert out["samples"] == 64 and out["octopusd_samples_per_s"] > 0 and out["bare_samples_per_s"] > 0
+    assert out["ratio"] > 0
