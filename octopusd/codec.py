@@ -172,6 +172,36 @@ def encode_state(state: Mapping[str, torch.Tensor]) -> bytearray:
     return buf
 
 
+def encode_segments(state: Mapping[str, torch.Tensor]) -> tuple[int, list[memoryview]]:
+    """The encoding of ``state`` as buffers whose concatenation equals ``encode_state(state)``.
+
+    A streamed encode: the prefix, header and padding are small new buffers, and each tensor's
+    bytes are a view of the tensor's own memory (CPU, contiguous, little-endian hosts; anything
+    else is converted once), so a model is uploaded and hashed without ever being copied into a
+    payload. The views keep their tensors alive; the caller must not modify the tensors while
+    the segments are in use. Returns ``(total length, segments)``.
+    """
+    entries, header, data_start, total = _plan(state)
+    head = bytearray(data_start)
+    head[: _PREFIX.size] = _PREFIX.pack(MAGIC, VERSION, len(header))
+    head[_PREFIX.size : _PREFIX.size + len(header)] = header
+    segments = [memoryview(head)]
+    end = 0
+    for entry, t in zip(entries, state.values()):
+        if entry.offset > end:
+            segments.append(memoryview(bytes(entry.offset - end)))
+        if entry.nbytes:
+            src = t.detach().to("cpu").resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8)
+            if not _NATIVE_LE:
+                src = src.clone()
+                _byteswap_(src, _ITEMSIZE[entry.dtype])
+            segments.append(memoryview(src.numpy()))  # the array keeps the tensor alive
+        end = entry.offset + entry.nbytes
+    if data_start + end < total:
+        segments.append(memoryview(bytes(total - data_start - end)))
+    return total, segments
+
+
 # --------------------------------------------------------------------------------------------
 # Decoding
 # --------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from typing import Mapping
 
 import torch
@@ -22,6 +23,29 @@ async def publish_payload(store: PayloadStore, key: str, data: bytes | bytearray
     return PayloadRef(sha256=digest, size=len(data), key=key)
 
 
+def _sha256_segments(segments: list[memoryview]) -> str:
+    digest = hashlib.sha256()
+    for seg in segments:
+        digest.update(seg)
+    return digest.hexdigest()
+
+
+async def publish_state(store: PayloadStore, key: str, state: Mapping[str, torch.Tensor],
+                        inline_max: int) -> PayloadRef:
+    """Encode ``state`` and publish it like :func:`publish_payload`, streaming the encode.
+
+    The payload is never assembled: the upload and the digest read the codec's segments (views
+    of the tensors' own memory), so publishing a 1 GB model costs no 1 GB buffer. The tensors
+    must not change until this returns.
+    """
+    size, segments = await asyncio.to_thread(codec.encode_segments, state)
+    if size <= inline_max:
+        data = b"".join(segments)
+        return PayloadRef(sha256=sha256_hex(data), size=size, inline=data)
+    digest, _ = await asyncio.gather(asyncio.to_thread(_sha256_segments, segments), store.put(key, segments))
+    return PayloadRef(sha256=digest, size=size, key=key)
+
+
 async def fetch_payload(store: PayloadStore, ref: PayloadRef, *, max_bytes: int) -> bytes | bytearray:
     """The announced bytes, verified against the announced size and sha256.
 
@@ -36,7 +60,7 @@ async def fetch_payload(store: PayloadStore, ref: PayloadRef, *, max_bytes: int)
         digest = sha256_hex(data)
     else:
         assert ref.key is not None
-        data, digest = await store.get_hashed(ref.key, max_bytes=max_bytes)
+        data, digest = await store.get_hashed(ref.key, max_bytes=max_bytes, size_hint=ref.size)
     if len(data) != ref.size:
         raise PayloadError(f"payload is {len(data)} bytes, announced {ref.size}")
     if digest != ref.sha256:

@@ -25,9 +25,14 @@ MAX_HEADER = 1 << 20
 MAX_BLOB = 1 << 36
 
 
-def _pack(header: dict[str, Any], blob: bytes | bytearray | memoryview = b"") -> list[bytes | bytearray | memoryview]:
+Blob = "bytes | bytearray | memoryview | list[memoryview]"
+
+
+def _pack(header: dict[str, Any], blob: Any = b"") -> list[bytes | bytearray | memoryview]:
+    """The frame's buffers; a list blob (``codec.encode_segments``) is sent segment by segment."""
     h = msgpack.packb(header, use_bin_type=True)
-    return [_HEAD.pack(MAGIC, len(h), len(blob)), h, blob]
+    parts = list(blob) if isinstance(blob, list) else [blob]
+    return [_HEAD.pack(MAGIC, len(h), sum(len(memoryview(p).cast("B")) for p in parts)), h, *parts]
 
 
 def _unpack_head(raw: bytes) -> tuple[int, int]:
@@ -69,8 +74,7 @@ def tune(sock: socket.socket) -> None:
     set_buffers(sock)
 
 
-async def send_frame(sock: socket.socket, header: dict[str, Any],
-                     blob: bytes | bytearray | memoryview = b"") -> None:
+async def send_frame(sock: socket.socket, header: dict[str, Any], blob: Any = b"") -> None:
     loop = asyncio.get_running_loop()
     for part in _pack(header, blob):
         if len(part):
@@ -110,8 +114,7 @@ def _recv_exact(sock: socket.socket, n: int) -> bytearray:
     return buf
 
 
-def send_frame_sync(sock: socket.socket, header: dict[str, Any],
-                    blob: bytes | bytearray | memoryview = b"") -> None:
+def send_frame_sync(sock: socket.socket, header: dict[str, Any], blob: Any = b"") -> None:
     for part in _pack(header, blob):
         sock.sendall(part)
 

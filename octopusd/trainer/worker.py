@@ -141,7 +141,8 @@ def _serve_rank0(trainer: Trainer, sock: socket.socket, log: Any) -> None:
         t0 = time.perf_counter()
         loss, n = trainer.train_round(round_)
         seconds = time.perf_counter() - t0
-        out = codec.encode_state({k: v.detach().cpu() for k, v in trainer.model.state_dict().items()})
+        # Streamed encode: the socket reads the parameters' own memory, no payload is assembled.
+        _, out = codec.encode_segments({k: v.detach().cpu() for k, v in trainer.model.state_dict().items()})
         channel.send_frame_sync(sock, {"op": "result", "round": round_, "num_samples": n,
                                        "train_loss": loss, "train_seconds": seconds}, out)
         log.info("trainer_round_done", round=round_, train_loss=round(loss, 6), seconds=round(seconds, 3))
