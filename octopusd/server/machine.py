@@ -206,7 +206,7 @@ class ServerMachine:
         if ev.name:
             self.seen_msg_ids.add(ev.name)
         self.pending.add(ev.rank)
-        return [_fx("fetch_update", rank=ev.rank, round=ev.round)]
+        return [_fx("fetch_update", rank=ev.rank, round=ev.round, msg_id=ev.name)]
 
     def _update_verified(self, ev: Event) -> list[Effect]:
         if ev.round != self.round or ev.rank not in self.pending:
