@@ -59,8 +59,8 @@ def test_killed_silo_is_dropped_then_rejoins_after_restart(tmp_path, mosquitto, 
         assert alone, m
         both_after = [x["round"] for x in m if x["silos"] == [1, 2] and x["round"] > alone[0]]
         assert both_after, f"silo 2 did not rejoin after its restart: {[x['silos'] for x in m]}"
-        # Once back, it stays in: every round after its return has both silos.
-        assert all(x["silos"] == [1, 2] for x in m if x["round"] >= both_after[0]), [x["silos"] for x in m]
+        # (Not asserted: that it makes every later deadline — on a loaded 2-core CI machine a round
+        # can close at its deadline with one silo, which is the quorum rule working, not a failure.)
         # The restarted silo skipped the rounds announced while it was down instead of training
         # them (the round in flight at the kill may have been trained by the killed process).
         trained = [e["round"] for e in events(fed, "silo2") if e.get("event") == "trainer_round_done"]
