@@ -87,6 +87,20 @@ def wait_rusage(proc: subprocess.Popen[bytes], timeout_s: float,
     return Exit(None)
 
 
+MIN_AVAILABLE_MIB = 1536
+
+
+def memory_guard() -> None:
+    """Abort the bench (and so stop its processes) before the kernel's OOM killer picks a victim
+    on this shared machine: raise when MemAvailable drops under MIN_AVAILABLE_MIB."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            avail = int(line.split()[1]) // 1024
+            if avail < MIN_AVAILABLE_MIB:
+                raise MemoryError(f"only {avail} MiB of memory left: stopping the bench")
+            return
+
+
 def exit_on_sigterm() -> None:
     """Turn SIGTERM into SystemExit so the benches' ``finally`` blocks stop every process."""
     def handler(signum: int, frame: Any) -> None:
@@ -182,7 +196,7 @@ class BenchRun:
             cpu0 = cpu_seconds(server.pid)
             silos = [fed.start("silo", rank) for rank in range(1, self.silos + 1)]
             try:
-                end = wait_rusage(server, timeout_s, silos)
+                end = wait_rusage(server, timeout_s, silos, on_poll=memory_guard)
             except RuntimeError as exc:
                 tails = {n: fed.log_text(n)[-2000:] for n in fed.procs}
                 raise RuntimeError(f"{exc}: {tails}") from None

@@ -31,7 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import (PLUGIN_DIR, ROOT, MiB, cpu_seconds, exit_on_sigterm, median,  # noqa: E402
-                     proc_status_kib, read_events, services, wait_for_event, wait_rusage)
+                     memory_guard, proc_status_kib, read_events, services, wait_for_event, wait_rusage)
 
 HIDDEN = [128]
 
@@ -114,6 +114,7 @@ def run_scale(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]
             silo_hwm: dict[int, int] = {}
 
             def sample() -> None:
+                memory_guard()
                 for w in workers:
                     v = proc_status_kib(w.pid, "VmHWM")
                     if v:

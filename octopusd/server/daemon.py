@@ -25,7 +25,7 @@ from octopusd.envelope import Envelope, MsgType, PayloadRef, decode_envelope, en
 from octopusd.errors import EnvelopeError, ExitCode, OctopusError, WireError
 from octopusd.lifecycle import lifecycle
 from octopusd.notify import Notifier
-from octopusd.payload import decode_payload, fetch_payload, publish_payload
+from octopusd.payload import decode_payload, fetch_payload, publish_state
 from octopusd.plugins import PluginManager, load_plugins
 from octopusd.runtime import DaemonExit, Shutdown, Timers, first_daemon_exit, pump_messages
 from octopusd.server.checkpoint import Checkpointer
@@ -35,6 +35,7 @@ from octopusd.transport.mqtt import Incoming, MqttLink
 from octopusd.transport.s3 import PayloadStore
 
 log = structlog.get_logger("octopusd.server")
+UPDATES_IN_FLIGHT_BYTES = 64 * 2**20
 MAX_ENVELOPE = 16 * 2**20
 
 
@@ -65,6 +66,13 @@ class ServerDaemon:
         self.dataset = _TestData(dataset) if dataset is not None else self.pm.dataset(cfg.data.dataset)(cfg)
         self.model = model if model is not None else self._initial_model()
         self.global_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        # A model the daemon built itself only ever evaluates global_state (functional_call), so
+        # its own parameters would be a second copy of the model for the whole run: drop them.
+        # A user's model object, or one with tensors outside its state_dict, is left alone.
+        names = {n for n, _ in self.model.named_parameters()} | {n for n, _ in self.model.named_buffers()}
+        self._stateless_eval = model is None and names <= set(self.global_state)
+        if self._stateless_eval:
+            self.model.to("meta")
         self.layout = codec.layout(self.global_state)
         self.max_payload = 4 * codec.encoded_size(self.global_state) + 2**20
         self.shutdown = shutdown or Shutdown()
@@ -88,6 +96,10 @@ class ServerDaemon:
         self.run_dir = cfg.run_dir
         self._test_set: Any = None
         self._checkpoint_task: asyncio.Task[None] | None = None
+        # Updates fetched but not yet folded are bounded, so the server's memory does not grow
+        # with the number of silos: one full-size update at a time, more while they are small.
+        self._update_slots = asyncio.Semaphore(
+            max(1, UPDATES_IN_FLIGHT_BYTES // max(1, codec.encoded_size(self.global_state))))
         self._offline_sent = False
 
     def _initial_model(self) -> torch.nn.Module:
@@ -135,9 +147,9 @@ class ServerDaemon:
     # -- effects ------------------------------------------------------------------------------
     async def _publish_global(self, fx: Effect) -> Event:
         r, selected = fx.args["round"], fx.args["selected"]
-        data = await asyncio.to_thread(codec.encode_state, self.global_state)
-        ref = await publish_payload(self.store, s3keys.global_key(self.cfg.run_id, r), data,
-                                    self.cfg.comm.inline_payload_max_bytes)
+        # Streamed: uploaded and hashed from the tensors' own memory, never assembled.
+        ref = await publish_state(self.store, s3keys.global_key(self.cfg.run_id, r), self.global_state,
+                                  self.cfg.comm.inline_payload_max_bytes)
         await self._checkpoint_settled()  # never announce a round before its predecessor is saved
         await self._begin_collect(r, selected)
         body = {"selected": list(selected), "payload": ref, "deadline_s": self.cfg.train.round_deadline_s}
@@ -158,23 +170,39 @@ class ServerDaemon:
 
     async def _fetch_update(self, rank: int, round_: int, msg_id: str) -> None:
         env = self.announced.pop((rank, round_, msg_id), None)
+        await self._update_slots.acquire()
+        posted = False
         try:
             if env is None:
                 raise WireError("announcement vanished")
             ref = env.body["payload"]
             data = await fetch_payload(self.store, ref, max_bytes=self.max_payload)
             state = await decode_payload(data, self.layout, self.max_payload)
+            self._release_verified(rank)  # a stale entry of this silo's would keep its slot
+            self.verified[rank] = (state, env)
+            self.queue.put_nowait(Event(Ev.UPDATE_VERIFIED, rank=rank, round=round_))
+            posted = True
         except (OctopusError, KeyError) as exc:
             log.warning("update_rejected", silo=rank, round=round_, reason=str(exc))
             self.queue.put_nowait(Event(Ev.UPDATE_REJECTED, rank=rank, round=round_, detail=str(exc)))
             return
-        self.verified[rank] = (state, env)
-        self.queue.put_nowait(Event(Ev.UPDATE_VERIFIED, rank=rank, round=round_))
+        finally:
+            if not posted:
+                self._update_slots.release()
+
+    def _release_verified(self, rank: int) -> None:
+        """Forget a verified update the machine dropped (or replaced): its slot is free again."""
+        if self.verified.pop(rank, None) is not None:
+            self._update_slots.release()
 
     async def _fold(self, rank: int, round_: int) -> None:
         state, env = self.verified.pop(rank)
         n = int(env.body["num_samples"])
-        await asyncio.to_thread(self.aggregator.accumulate, state, n, rank)
+        try:
+            await asyncio.to_thread(self.aggregator.accumulate, state, n, rank)
+        finally:
+            del state
+            self._update_slots.release()
         stats = self.round_stats[round_]
         stats["silos"].append(rank)
         stats["num_samples"] += n
@@ -191,14 +219,16 @@ class ServerDaemon:
     def _evaluate_sync(self) -> tuple[float, float]:
         if self._test_set is None:
             self._test_set = self.dataset.test_set()
-        self.model.load_state_dict(self.global_state)
+        if not self._stateless_eval:
+            self.model.load_state_dict(self.global_state)
         self.model.eval()
         loader = torch.utils.data.DataLoader(self._test_set, batch_size=1024)
         correct, loss, n = 0, 0.0, 0
         loss_fn = torch.nn.CrossEntropyLoss(reduction="sum")
         with torch.no_grad():
             for x, y in loader:
-                out = self.model(x)
+                out = torch.func.functional_call(self.model, self.global_state, (x,)) \
+                    if self._stateless_eval else self.model(x)
                 loss += float(loss_fn(out, y))
                 correct += int((out.argmax(1) == y).sum())
                 n += len(y)
@@ -268,6 +298,8 @@ class ServerDaemon:
         elif k == "cancel_timer":
             self.timers.cancel(a["name"])
         elif k in ("log", "drop"):
+            if k == "drop" and a.get("ev") == Ev.UPDATE_VERIFIED.value:
+                self._release_verified(a["silo"])
             if a.get("msg") == "waiting_for_silos":
                 self.notifier.status(f"round {self.machine.round + 1}/{self.cfg.train.comm_round}: waiting "
                                      f"for silos ({len(a['online'])} of {a['need']} online)")

@@ -89,7 +89,9 @@ class Trainer:
         self.partition = dataset.train_partition(cfg.rank) if hasattr(dataset, "train_partition") else dataset
         self.model = model.to(device)
         self.layout = codec.layout(self.model.state_dict())
-        self.ddp = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        # Gradients as views into DDP's all-reduce buckets: one model's worth less memory per rank.
+        self.ddp = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None,
+                       gradient_as_bucket_view=True)
         self.sampler = DistributedSampler(self.partition, num_replicas=world, rank=rank, shuffle=True,
                                           seed=cfg.common.random_seed, drop_last=False)
         self.loader = DataLoader(self.partition, batch_size=cfg.train.batch_size, sampler=self.sampler)
@@ -135,6 +137,7 @@ def _serve_rank0(trainer: Trainer, sock: socket.socket, log: Any) -> None:
             channel.send_frame_sync(sock, {"op": "error", "round": round_, "message": str(exc)})
             continue
         trainer.model.load_state_dict(state)
+        del state, blob  # views of the received payload: free it before training, not after
         cmd[0], cmd[1] = OP_TRAIN, round_
         dist.broadcast(cmd, src=0)
         trainer.sync_from_rank0()

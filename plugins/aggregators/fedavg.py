@@ -35,6 +35,7 @@ class FedAvg:
             raise RuntimeError("finish_round() before begin_round()")
         out = finalize_mean(self._acc, float(self._total), self._like)
         self._acc = None
+        self._like = {}  # drop the old global now, not at the next begin_round: a model's worth of RSS
         return out
 
     def state_dict(self) -> dict[str, object]:
