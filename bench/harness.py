@@ -171,9 +171,16 @@ class BenchRun:
     train_args: dict[str, Any] = field(default_factory=dict)
     comm_args: dict[str, Any] = field(default_factory=dict)
     eval_every: int = 0            # 0: only the last round (the server always evaluates it)
+    s3_extra: dict[str, Any] = field(default_factory=dict)   # S3_* transfer settings (s3 config file)
     fed: Federation = field(init=False)
 
     def __post_init__(self) -> None:
+        if self.s3_extra:  # octopusd reads the S3_* transfer settings from the s3 config file
+            import yaml
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            path = self.workdir / "s3_transfer.yaml"
+            path.write_text(yaml.safe_dump(self.s3_extra))
+            self.comm_args = {**self.comm_args, "s3_config_path": str(path)}
         train = {"epochs": 1, "batch_size": 32, "client_optimizer": "sgd", "learning_rate": 0.01,
                  "weight_decay": 0.0, "momentum": 0.0, **self.train_args}
         self.fed = Federation(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -85,16 +86,21 @@ def summarize(name: str, raw: dict[str, Any], rows: list[dict[str, Any]], floor:
         "phases_median_s": {k: round(median([r[k] for r in measured]), 4)
                             for k in ("last_update_sent_s", "last_folded_s", "checkpoint_s")},
         "wall_s": round(wall_s, 1),
+        "load_avg_1m_after": round(os.getloadavg()[0], 2),
     }
 
 
 def run_model(name: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     plugin, model_args = MODELS[name]
+    load_before = round(os.getloadavg()[0], 2)
     with services(workdir) as (broker, s3):
         comm = {"inline_payload_max_bytes": args.inline_max} if args.inline_max is not None else {}
+        s3_extra = {k: v for k, v in (("S3_MULTIPART_THRESHOLD", args.multipart_threshold),
+                                      ("S3_PART_SIZE", args.part_size),
+                                      ("S3_MAX_CONCURRENCY", args.max_concurrency)) if v is not None}
         run = BenchRun(workdir / "fed", broker, s3, rounds=args.rounds + 1, silos=args.silos, model=plugin,
                        model_args=model_args, data_args={"samples_per_silo": args.samples},
-                       comm_args=comm, eval_every=args.eval_every)
+                       comm_args=comm, eval_every=args.eval_every, s3_extra=s3_extra)
         t0 = time.monotonic()
         raw = run.run(timeout_s=args.timeout)
         wall = time.monotonic() - t0
@@ -104,6 +110,9 @@ def run_model(name: str, args: argparse.Namespace, workdir: Path) -> dict[str, A
                            global_bytes=rows[0]["global_bytes"], update_bytes=rows[0]["update_bytes"],
                            inline_max=inline_max, reps=args.floor_reps)
     out = summarize(name, raw, rows, floor, args.silos, wall)
+    out["load_avg_1m_before"] = load_before
+    if s3_extra:
+        out["s3_transfer"] = s3_extra
     if args.per_round:
         out["per_round"] = rows
     return out
@@ -117,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=500, help="training samples per silo")
     p.add_argument("--eval-every", type=int, default=0, help="server evaluation every N rounds (0: last only)")
     p.add_argument("--inline-max", type=int, default=None, help="comm_args.inline_payload_max_bytes")
+    p.add_argument("--multipart-threshold", type=int, default=None, help="S3_MULTIPART_THRESHOLD (bytes)")
+    p.add_argument("--part-size", type=int, default=None, help="S3_PART_SIZE (bytes)")
+    p.add_argument("--max-concurrency", type=int, default=None, help="S3_MAX_CONCURRENCY (parts in flight)")
     p.add_argument("--floor-reps", type=int, default=5)
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--workdir", type=Path, default=None)

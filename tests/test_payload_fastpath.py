@@ -114,17 +114,15 @@ def test_channel_frames_carry_segments_unassembled():
     assert header == {"op": "result", "round": 3} and blob == codec.encode_state(state)
 
 
-def test_large_objects_go_up_in_parts_and_come_down_in_ranges(moto_s3, monkeypatch):
+def test_large_objects_go_up_in_parts_and_come_down_in_ranges(moto_s3):
     """Above the multipart threshold: a concurrent multipart upload of the streamed encode and
     concurrent ranged GETs hashed in order give back exactly the payload and its sha256."""
     from octopusd.payload import publish_state
-    from octopusd.transport import s3
-    monkeypatch.setattr(s3, "MULTIPART_THRESHOLD", 6 * 2**20)
-    monkeypatch.setattr(s3, "PART_SIZE", 5 * 2**20)  # S3's smallest part
-    monkeypatch.setattr(s3, "MAX_CONCURRENCY", 2)
     state = {"w": torch.randn(3 * 2**20 + 123), "b": torch.randn(77)}  # ~12 MiB: three parts
     cfg = S3Config(bucket="fastpath-big", access_key="testing", secret_key="testing",
-                   endpoint_url=moto_s3.endpoint_url)
+                   endpoint_url=moto_s3.endpoint_url,
+                   extra={"S3_MULTIPART_THRESHOLD": 6 * 2**20, "S3_PART_SIZE": 5 * 2**20,  # S3's smallest
+                          "S3_MAX_CONCURRENCY": 2})
 
     async def go() -> None:
         async with PayloadStore(cfg) as store:
@@ -132,9 +130,18 @@ def test_large_objects_go_up_in_parts_and_come_down_in_ranges(moto_s3, monkeypat
             ref = await publish_state(store, "big/obj.octt", state, inline_max=0)
             expected = bytes(codec.encode_state(state))
             assert ref.size == len(expected) and ref.sha256 == hashlib.sha256(expected).hexdigest()
+            assert store.multipart_threshold < ref.size
             got = await fetch_payload(store, ref, max_bytes=2**30)
             assert got == expected
             out = await decode_payload(got, codec.layout(state), 2**30)
             assert torch.equal(out["w"], state["w"]) and torch.equal(out["b"], state["b"])
 
     asyncio.run(go())
+
+
+@pytest.mark.parametrize("extra", [{"S3_PART_SIZE": 2**20}, {"S3_MAX_CONCURRENCY": 0},
+                                   {"S3_MULTIPART_THRESHOLD": "big"}])
+def test_bad_transfer_settings_name_their_key(extra):
+    from octopusd.errors import ConfigError
+    with pytest.raises(ConfigError, match=next(iter(extra))):
+        PayloadStore(S3Config(extra=extra))

@@ -21,7 +21,7 @@ from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
 from octopusd.config import S3Config
-from octopusd.errors import StorageError
+from octopusd.errors import ConfigError, StorageError
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -42,9 +42,19 @@ def checkpoint_key(run_id: str) -> str:
 
 
 Buffers = "bytes | bytearray | memoryview | list[memoryview]"
+# Defaults; the s3 config file (comm_args.s3_config_path) may set S3_MULTIPART_THRESHOLD,
+# S3_PART_SIZE and S3_MAX_CONCURRENCY (bytes, bytes, parts in flight per object).
 MULTIPART_THRESHOLD = 512 * 2**20   # objects above this go up in parts and come down in ranges
 PART_SIZE = 64 * 2**20
 MAX_CONCURRENCY = 4                 # parts in flight per object
+MIN_PART_SIZE = 5 * 2**20           # S3's smallest part (all but the last)
+
+
+def _transfer_setting(cfg: S3Config, key: str, default: int, minimum: int) -> int:
+    value = cfg.extra.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"expected an integer >= {minimum}, got {value!r}", key=f"comm_args(s3).{key}")
+    return value
 
 
 def _segments(data: Any) -> list[memoryview]:
@@ -138,6 +148,9 @@ class PayloadStore:
         self.base_delay_s = base_delay_s
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None
+        self.multipart_threshold = _transfer_setting(cfg, "S3_MULTIPART_THRESHOLD", MULTIPART_THRESHOLD, 1)
+        self.part_size = _transfer_setting(cfg, "S3_PART_SIZE", PART_SIZE, MIN_PART_SIZE)
+        self.max_concurrency = _transfer_setting(cfg, "S3_MAX_CONCURRENCY", MAX_CONCURRENCY, 1)
 
     @property
     def put_args(self) -> dict[str, str]:
@@ -203,11 +216,11 @@ class PayloadStore:
     async def put(self, key: str, data: Any) -> None:
         """Upload a bytes-like object, or segments (``codec.encode_segments``) as one object.
 
-        Above :data:`MULTIPART_THRESHOLD` the object goes up as a multipart upload of
-        :data:`PART_SIZE` parts, :data:`MAX_CONCURRENCY` at a time.
+        Above the multipart threshold the object goes up as a multipart upload, ``part_size``
+        parts, ``max_concurrency`` at a time.
         """
         size = sum(len(seg) for seg in _segments(data))
-        if size > MULTIPART_THRESHOLD:
+        if size > self.multipart_threshold:
             await self._put_multipart(key, data, size)
             return
 
@@ -225,18 +238,18 @@ class PayloadStore:
             resp = await self._client.create_multipart_upload(Bucket=self.bucket, Key=key, **self.put_args)
             return str(resp["UploadId"])
         upload_id = await self._retry(what, create)
-        slots = asyncio.Semaphore(MAX_CONCURRENCY)
+        slots = asyncio.Semaphore(self.max_concurrency)
 
         async def part(number: int, start: int) -> dict[str, Any]:
             async def go() -> dict[str, Any]:
                 resp = await self._client.upload_part(
                     Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number,
-                    Body=BufferReader(data, start, start + PART_SIZE))
+                    Body=BufferReader(data, start, start + self.part_size))
                 return {"ETag": resp["ETag"], "PartNumber": number}
             async with slots:
                 return await self._retry(f"{what} part {number}", go)
         try:
-            parts = await asyncio.gather(*(part(i + 1, at) for i, at in enumerate(range(0, size, PART_SIZE))))
+            parts = await asyncio.gather(*(part(i + 1, at) for i, at in enumerate(range(0, size, self.part_size))))
 
             async def complete() -> None:
                 await self._client.complete_multipart_upload(
@@ -265,7 +278,7 @@ class PayloadStore:
         Reading into one preallocated buffer avoids ``read()``'s chunk list and join (a second
         copy of the object), and hashing each chunk on arrival hides the digest behind the
         transfer instead of adding a pass over the bytes after it. Above
-        :data:`MULTIPART_THRESHOLD` the object comes down as concurrent ranged GETs into the
+        the multipart threshold the object comes down as concurrent ranged GETs into the
         same buffer, hashed in order as the ranges complete; ``size_hint`` (the size the sender
         announced) picks the way without a HEAD request, and a wrong hint fails the transfer.
         """
@@ -281,7 +294,7 @@ class PayloadStore:
                 raise OSError(f"s3://{self.bucket}/{key}: got {pos} of {size} bytes")
             return buf, digest.hexdigest()
 
-        if size_hint is not None and MULTIPART_THRESHOLD < size_hint <= max_bytes:
+        if size_hint is not None and self.multipart_threshold < size_hint <= max_bytes:
             return await self._get_ranges(key, size_hint, chunk)
         return await self._retry(f"get s3://{self.bucket}/{key}", go)
 
@@ -302,12 +315,12 @@ class PayloadStore:
     async def _get_ranges(self, key: str, size: int, chunk: int) -> tuple[bytearray, str]:
         buf = bytearray(size)
         view = memoryview(buf)
-        starts = list(range(0, size, PART_SIZE))
+        starts = list(range(0, size, self.part_size))
         done = [asyncio.Event() for _ in starts]
-        slots = asyncio.Semaphore(MAX_CONCURRENCY)
+        slots = asyncio.Semaphore(self.max_concurrency)
 
         async def fetch(i: int, start: int) -> None:
-            stop = min(size, start + PART_SIZE)
+            stop = min(size, start + self.part_size)
 
             async def go() -> None:
                 resp = await self._client.get_object(Bucket=self.bucket, Key=key,
@@ -323,7 +336,7 @@ class PayloadStore:
             digest = hashlib.sha256()
             for i, start in enumerate(starts):
                 await done[i].wait()
-                await asyncio.to_thread(digest.update, view[start:min(size, start + PART_SIZE)])
+                await asyncio.to_thread(digest.update, view[start:min(size, start + self.part_size)])
             return digest.hexdigest()
         *_, hexdigest = await asyncio.gather(*(fetch(i, at) for i, at in enumerate(starts)), hash_in_order())
         return buf, hexdigest
