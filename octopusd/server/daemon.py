@@ -24,6 +24,7 @@ from octopusd.config import Config
 from octopusd.envelope import Envelope, MsgType, PayloadRef, decode_envelope, encode_envelope, sha256_hex
 from octopusd.errors import EnvelopeError, ExitCode, OctopusError, WireError
 from octopusd.lifecycle import lifecycle
+from octopusd.memory import return_large_buffers
 from octopusd.notify import Notifier
 from octopusd.payload import decode_payload, fetch_payload, publish_state
 from octopusd.plugins import PluginManager, load_plugins
@@ -55,6 +56,7 @@ class ServerDaemon:
     def __init__(self, cfg: Config, *, plugins: PluginManager | None = None,
                  shutdown: Shutdown | None = None, dataset: Any = None,
                  model: torch.nn.Module | None = None, notifier: Notifier | None = None) -> None:
+        return_large_buffers()  # freed model-sized buffers leave RSS (see octopusd.memory)
         self.cfg = cfg
         self.life = lifecycle(cfg)
         self.pm = plugins or load_plugins(cfg.plugin_dirs)
