@@ -98,6 +98,7 @@ class ServerDaemon:
         self.run_dir = cfg.run_dir
         self._test_set: Any = None
         self._checkpoint_task: asyncio.Task[None] | None = None
+        self._retention_task: asyncio.Task[None] | None = None
         # Updates fetched but not yet folded are bounded, so the server's memory does not grow
         # with the number of silos: one full-size update at a time, more while they are small.
         self._update_slots = asyncio.Semaphore(
@@ -270,6 +271,15 @@ class ServerDaemon:
     async def _save_checkpoint(self, r: int, state: dict[str, torch.Tensor], agg: dict[str, Any],
                                roster: list[int]) -> None:
         await self.checkpointer.save(self.store, r, state, agg, roster)
+        # Retention runs behind the next round instead of delaying its announcement (a
+        # DeleteObjects round trip per round); _publish_finish waits for it.
+        previous = self._retention_task
+        self._retention_task = asyncio.create_task(self._apply_retention(r, previous))
+
+    async def _apply_retention(self, r: int, previous: asyncio.Task[None] | None) -> None:
+        if previous is not None:
+            with contextlib.suppress(Exception):
+                await previous
         # Retention: payloads of rounds older than the last keep_rounds closed ones are deleted
         # (they are no longer needed, and moto keeps everything in memory).
         old = r - self.cfg.comm.s3.keep_rounds
@@ -281,6 +291,8 @@ class ServerDaemon:
 
     async def _publish_finish(self, reason: str) -> None:
         await self._checkpoint_settled()
+        if self._retention_task is not None:
+            await self._retention_task
         final = self.run_dir / "final_model.octt"
         self.run_dir.mkdir(parents=True, exist_ok=True)
         data = await asyncio.to_thread(codec.encode_state, self.global_state)
