@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from typing import Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 import torch
 
@@ -11,6 +11,8 @@ from octopusd import codec
 from octopusd.envelope import PayloadRef, sha256_hex
 from octopusd.errors import PayloadError
 from octopusd.transport.s3 import PayloadStore
+
+T = TypeVar("T")
 
 
 async def publish_payload(store: PayloadStore, key: str, data: bytes | bytearray,
@@ -21,6 +23,16 @@ async def publish_payload(store: PayloadStore, key: str, data: bytes | bytearray
     # The digest is only needed once the upload is done: hash on another core meanwhile.
     digest, _ = await asyncio.gather(asyncio.to_thread(sha256_hex, data), store.put(key, data))
     return PayloadRef(sha256=digest, size=len(data), key=key)
+
+
+SMALL = 1 << 20  # below this, a worker-thread hop costs more than the work it would move
+
+
+async def _off_loop(fn: Callable[..., T], *args: Any, nbytes: int, **kwargs: Any) -> T:
+    """``fn`` in a worker thread, or right here when its input is small."""
+    if nbytes < SMALL:
+        return fn(*args, **kwargs)
+    return await asyncio.to_thread(fn, *args, **kwargs)
 
 
 def _sha256_segments(segments: list[memoryview]) -> str:
@@ -38,7 +50,7 @@ async def publish_state(store: PayloadStore, key: str, state: Mapping[str, torch
     of the tensors' own memory), so publishing a 1 GB model costs no 1 GB buffer. The tensors
     must not change until this returns.
     """
-    size, segments = await asyncio.to_thread(codec.encode_segments, state)
+    size, segments = await _off_loop(codec.encode_segments, state, nbytes=codec.encoded_size(state))
     if size <= inline_max:
         data = b"".join(segments)
         return PayloadRef(sha256=sha256_hex(data), size=size, inline=data)
@@ -71,5 +83,5 @@ async def fetch_payload(store: PayloadStore, ref: PayloadRef, *, max_bytes: int)
 async def decode_payload(data: bytes | bytearray, layout: Mapping[str, tuple[str, tuple[int, ...]]],
                          max_bytes: int) -> dict[str, torch.Tensor]:
     """Decode and validate (layout, finite values) off the loop; tensors may alias ``data``."""
-    return await asyncio.to_thread(codec.decode_state, data, max_bytes=max_bytes,
-                                   expected=layout, check_finite=True, copy=False)
+    return await _off_loop(codec.decode_state, data, max_bytes=max_bytes, expected=layout,
+                           check_finite=True, copy=False, nbytes=len(data))
