@@ -28,7 +28,7 @@ async def publish_payload(store: PayloadStore, key: str, data: bytes | bytearray
 SMALL = 1 << 20  # below this, a worker-thread hop costs more than the work it would move
 
 
-async def _off_loop(fn: Callable[..., T], *args: Any, nbytes: int, **kwargs: Any) -> T:
+async def off_loop(fn: Callable[..., T], *args: Any, nbytes: int, **kwargs: Any) -> T:
     """``fn`` in a worker thread, or right here when its input is small."""
     if nbytes < SMALL:
         return fn(*args, **kwargs)
@@ -50,7 +50,7 @@ async def publish_state(store: PayloadStore, key: str, state: Mapping[str, torch
     of the tensors' own memory), so publishing a 1 GB model costs no 1 GB buffer. The tensors
     must not change until this returns.
     """
-    size, segments = await _off_loop(codec.encode_segments, state, nbytes=codec.encoded_size(state))
+    size, segments = await off_loop(codec.encode_segments, state, nbytes=codec.encoded_size(state))
     if size <= inline_max:
         data = b"".join(segments)
         return PayloadRef(sha256=sha256_hex(data), size=size, inline=data)
@@ -83,5 +83,5 @@ async def fetch_payload(store: PayloadStore, ref: PayloadRef, *, max_bytes: int)
 async def decode_payload(data: bytes | bytearray, layout: Mapping[str, tuple[str, tuple[int, ...]]],
                          max_bytes: int) -> dict[str, torch.Tensor]:
     """Decode and validate (layout, finite values) off the loop; tensors may alias ``data``."""
-    return await _off_loop(codec.decode_state, data, max_bytes=max_bytes, expected=layout,
+    return await off_loop(codec.decode_state, data, max_bytes=max_bytes, expected=layout,
                            check_finite=True, copy=False, nbytes=len(data))

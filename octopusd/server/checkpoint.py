@@ -1,93 +1,175 @@
-"""Server checkpoints: after each aggregation, atomically, locally and in S3.
+"""Server checkpoints: the round just closed, its global model, the aggregator state, the roster.
 
-A checkpoint is the round just closed, the global model (tensor codec) with its sha256, the
-aggregator's state and the silo roster. Local files are written to a temporary name and renamed;
-in S3 the model object is written before the JSON that points to it, so a reader never sees a
-JSON whose model is missing. On start, the newest valid checkpoint (local or S3) is resumed.
+A checkpoint never stores the model a second time when it does not have to. The model after
+round ``r`` *is* the global model of round ``r + 1``, which the server publishes anyway, so the
+checkpoint points to that payload (its S3 key and sha256) and carries the bytes only when the
+payload rides inline in MQTT (then it is small: the bytes go into the checkpoint file itself).
+
+Two copies, in this order on the round's critical path:
+
+1. ``<run_dir>/state/checkpoint.json`` -- written to a temporary name and renamed *before* the
+   next round is announced, so a crash of the server process (kill -9) at any point leaves a
+   checkpoint consistent with what the silos were told. It is flushed to disk (fsync of file and
+   directory) right after the announcement, behind the round.
+2. ``<run_id>/checkpoint.json`` in S3 -- a replica for a server that lost its disk, written
+   behind the announcement as well. A replica that points to an S3 payload is written every
+   round, and payload retention for a round runs only after the replica that no longer needs it
+   is written. A self-contained replica (inline model) is written at most every
+   ``REPLICA_INTERVAL_S`` seconds and at the end of the run: for a small model a PUT per round
+   would cost more CPU than the round's own messages. So the replica can lag the local file by
+   the round in flight, or by ``REPLICA_INTERVAL_S`` for an inline model.
+
+On start the newest checkpoint whose model verifies (sha256) is resumed, local or S3.
 """
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import structlog
-import torch
 
-from octopusd import codec
 from octopusd.config import Config
+from octopusd.envelope import PayloadRef
 from octopusd.errors import OctopusError
 from octopusd.payload import sha256_hex
 from octopusd.transport.s3 import NotFoundError, PayloadStore, checkpoint_key
 
 log = structlog.get_logger(__name__)
+REPLICA_INTERVAL_S = 10.0
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _write_replace(path: Path, data: bytes) -> None:
+    """Atomic against a crash of this process: a temporary file renamed over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _fsync(path: Path) -> None:
+    """Flush ``path`` and its directory entry to disk (durability against power loss)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 class Checkpointer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.dir = cfg.run_dir / "state"
+        self.path = self.dir / "checkpoint.json"
+        self._behind: asyncio.Task[None] | None = None
+        self._replicated_at = -float("inf")
+        self._unreplicated: bytes | None = None  # the newest checkpoint, when its replica was skipped
 
-    def _model_key(self) -> str:
+    def final_model_key(self) -> str:
+        """Where the model goes when no next round publishes it (the last round, an exit)."""
         return f"{self.cfg.run_id}/checkpoint/global.octt"
 
-    async def save(self, store: PayloadStore, round_: int, state: dict[str, torch.Tensor],
-                   aggregator_state: dict[str, Any], roster: list[int]) -> None:
-        data = await asyncio.to_thread(codec.encode_state, state)
-        digest = await asyncio.to_thread(sha256_hex, data)
-        meta = {"run_id": self.cfg.run_id, "round": round_, "sha256": digest, "model_key": self._model_key(),
-                "aggregator": aggregator_state, "roster": roster, "comm_round": self.cfg.train.comm_round}
+    async def commit(self, store: PayloadStore, round_: int, ref: PayloadRef, aggregator_state: dict[str, Any],
+                     roster: list[int], after: Callable[[], Awaitable[None]] | None = None,
+                     final: bool = False) -> None:
+        """Checkpoint ``round_`` whose resulting model ``ref`` describes (already uploaded when it
+        has a key). Returns once the local checkpoint survives a crash of this process; the fsync,
+        the S3 replica and then ``after`` (payload retention) run behind, in round order. An error
+        of the previous round's work behind is raised here. ``final``: the last checkpoint of
+        this process's run, always replicated."""
+        await self.settle()
+        meta: dict[str, Any] = {"run_id": self.cfg.run_id, "round": round_, "comm_round": self.cfg.train.comm_round,
+                                "sha256": ref.sha256, "size": ref.size, "aggregator": aggregator_state,
+                                "roster": roster}
+        if ref.inline is not None:
+            meta["model_b64"] = base64.b64encode(ref.inline).decode()
+        else:
+            meta["model_key"] = ref.key
         blob = json.dumps(meta).encode()
-        await asyncio.to_thread(_atomic_write, self.dir / "global.octt", data)
-        await asyncio.to_thread(_atomic_write, self.dir / "checkpoint.json", blob)
-        await store.put(self._model_key(), data)
-        await store.put(checkpoint_key(self.cfg.run_id), blob)
-        log.info("checkpoint_saved", round=round_, sha256=digest[:16])
+        _write_replace(self.path, blob)  # a few KB to the page cache (inline models: <= 350 KB)
+        log.info("checkpoint_saved", round=round_, sha256=ref.sha256[:16])
+        now = time.monotonic()
+        replicate = final or ref.inline is None or now - self._replicated_at >= REPLICA_INTERVAL_S
+        if replicate:
+            self._replicated_at = now
+        self._unreplicated = None if replicate else blob
+        self._behind = asyncio.create_task(self._replicate(store, blob if replicate else None, after))
 
-    async def _load_local(self) -> tuple[dict[str, Any], bytes] | None:
+    async def _replicate(self, store: PayloadStore, blob: bytes | None,
+                         after: Callable[[], Awaitable[None]] | None) -> None:
+        await asyncio.to_thread(_fsync, self.path)
+        if blob is not None:
+            await store.put(checkpoint_key(self.cfg.run_id), blob)
+        if after is not None:
+            await after()
+
+    async def settle(self) -> None:
+        """Wait for the work behind the last commit; its errors surface here."""
+        task, self._behind = self._behind, None
+        if task is not None:
+            await task
+
+    async def finish(self, store: PayloadStore) -> None:
+        """Before this process stops: everything behind done, and the S3 replica up to date."""
+        await self.settle()
+        blob, self._unreplicated = self._unreplicated, None
+        if blob is not None:
+            await store.put(checkpoint_key(self.cfg.run_id), blob)
+
+    # -- resume ------------------------------------------------------------------------------
+    async def _model_of(self, store: PayloadStore, meta: dict[str, Any], max_bytes: int) -> Any:
+        if isinstance(meta.get("model_b64"), str):
+            return base64.b64decode(meta["model_b64"], validate=True)
+        if isinstance(meta.get("model_key"), str):
+            size = int(meta["size"])
+            if not 0 <= size <= max_bytes:
+                raise ValueError(f"model of {size} bytes exceeds the {max_bytes}-byte cap")
+            data, _ = await store.get_hashed(meta["model_key"], max_bytes=max_bytes, size_hint=size)
+            return data
+        return None
+
+    async def _candidate(self, store: PayloadStore, where: str, read: Callable[[], Awaitable[bytes]],
+                         max_bytes: int) -> tuple[dict[str, Any], Any] | None:
         try:
-            meta = json.loads((self.dir / "checkpoint.json").read_text())
-            data = (self.dir / "global.octt").read_bytes()
-        except (OSError, ValueError):
+            meta = json.loads(await read())
+            if not isinstance(meta, dict) or meta.get("run_id") != self.cfg.run_id:
+                return None
+            data = await self._model_of(store, meta, max_bytes)
+        except (NotFoundError, FileNotFoundError):
             return None
-        return meta, data
-
-    async def _load_s3(self, store: PayloadStore) -> tuple[dict[str, Any], bytes] | None:
-        try:
-            meta = json.loads(await store.get(checkpoint_key(self.cfg.run_id), max_bytes=2**20))
-            data = await store.get(str(meta["model_key"]), max_bytes=2**40)
-        except (NotFoundError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, OctopusError) as exc:
+            log.warning("checkpoint_unreadable", where=where, reason=str(exc))
+            return None
+        if data is None or await asyncio.to_thread(sha256_hex, data) != meta.get("sha256"):
+            log.warning("checkpoint_corrupt", where=where, round=meta.get("round"))
             return None
         return meta, data
 
     async def resume_round(self, store: PayloadStore, daemon: Any) -> int | None:
         """Load the newest valid checkpoint into ``daemon``; return the round to start at, or None
         when there is no usable checkpoint (a fresh run)."""
-        candidates = [c for c in (await self._load_local(), await self._load_s3(store)) if c is not None]
-        best: tuple[dict[str, Any], bytes] | None = None
-        for meta, data in candidates:
-            if not isinstance(meta, dict) or meta.get("run_id") != self.cfg.run_id:
-                continue
-            if sha256_hex(data) != meta.get("sha256"):
-                log.warning("checkpoint_corrupt", round=meta.get("round"))
-                continue
-            if best is None or int(meta["round"]) > int(best[0]["round"]):
-                best = (meta, data)
-        if best is None:
+        from octopusd import codec
+
+        cap = int(daemon.max_payload)
+        meta_cap = 2**20 + 2 * self.cfg.comm.inline_payload_max_bytes  # base64 of an inline model
+        candidates = [c for c in (
+            await self._candidate(store, "local", lambda: asyncio.to_thread(self.path.read_bytes), cap),
+            await self._candidate(store, "s3", lambda: store.get(checkpoint_key(self.cfg.run_id), max_bytes=meta_cap),
+                                  cap),
+        ) if c is not None]
+        if not candidates:
             return None
-        meta, data = best
+        meta, data = max(candidates, key=lambda c: int(c[0]["round"]))
         try:
             state = await asyncio.to_thread(codec.decode_state, data, expected=daemon.layout)
         except OctopusError as exc:

@@ -26,7 +26,7 @@ from octopusd.errors import EnvelopeError, ExitCode, OctopusError, WireError
 from octopusd.lifecycle import lifecycle
 from octopusd.memory import return_large_buffers
 from octopusd.notify import Notifier
-from octopusd.payload import decode_payload, fetch_payload, publish_state
+from octopusd.payload import decode_payload, fetch_payload, off_loop, publish_state
 from octopusd.plugins import PluginManager, load_plugins
 from octopusd.runtime import DaemonExit, Shutdown, Timers, first_daemon_exit, pump_messages
 from octopusd.server.checkpoint import Checkpointer
@@ -76,7 +76,9 @@ class ServerDaemon:
         if self._stateless_eval:
             self.model.to("meta")
         self.layout = codec.layout(self.global_state)
-        self.max_payload = 4 * codec.encoded_size(self.global_state) + 2**20
+        self.model_bytes = codec.encoded_size(self.global_state)
+        # Aggregation of a model under 1 MiB runs on the loop (a thread hop costs more than it).
+        self.max_payload = 4 * self.model_bytes + 2**20
         self.shutdown = shutdown or Shutdown()
         if self.shutdown.grace_s is None:
             self.shutdown.grace_s = self.life.shutdown_grace_s
@@ -97,8 +99,12 @@ class ServerDaemon:
         self.checkpointer = Checkpointer(cfg)
         self.run_dir = cfg.run_dir
         self._test_set: Any = None
-        self._checkpoint_task: asyncio.Task[None] | None = None
-        self._retention_task: asyncio.Task[None] | None = None
+        # The round closed but not yet checkpointed: (round, aggregator state, roster). It is
+        # committed with the next global model's reference (see octopusd.server.checkpoint).
+        self._pending_checkpoint: tuple[int, dict[str, Any], list[int]] | None = None
+        # Rounds that may have payloads in S3 still (a global or an update went through S3):
+        # retention deletes only those, so inline-only rounds cost no S3 request at all.
+        self._s3_rounds: set[int] = set()
         # Updates fetched but not yet folded are bounded, so the server's memory does not grow
         # with the number of silos: one full-size update at a time, more while they are small.
         self._update_slots = asyncio.Semaphore(
@@ -140,6 +146,8 @@ class ServerDaemon:
             return Event(Ev.SILO_ONLINE if online else Ev.SILO_OFFLINE, rank=rank)
         if kind == "update" and env.type is MsgType.UPDATE:
             self.announced[(rank, env.round, env.msg_id)] = env
+            if env.body["payload"].key is not None and 0 <= env.round <= self.machine.round + 1:
+                self._s3_rounds.add(env.round)  # retention deletes its objects (late ones too)
             return Event(Ev.UPDATE_RECEIVED, rank=rank, round=env.round, name=env.msg_id)
         log.warning("message_rejected", topic=msg.topic, reason=f"{env.type.value} not expected on this topic")
         return None
@@ -153,7 +161,11 @@ class ServerDaemon:
         # Streamed: uploaded and hashed from the tensors' own memory, never assembled.
         ref = await publish_state(self.store, s3keys.global_key(self.cfg.run_id, r), self.global_state,
                                   self.cfg.comm.inline_payload_max_bytes)
-        await self._checkpoint_settled()  # never announce a round before its predecessor is saved
+        if ref.key is not None:
+            self._s3_rounds.add(r)
+        # Never announce a round before its predecessor is checkpointed: the checkpoint points to
+        # this very payload (the model after round r - 1), so it costs no second upload.
+        await self._commit_checkpoint(ref)
         await self._begin_collect(r, selected)
         body = {"selected": list(selected), "payload": ref, "deadline_s": self.cfg.train.round_deadline_s}
         await self.link.publish(topics.broadcast(self.cfg.run_id), self._envelope(MsgType.ROUND_START, r, body),
@@ -166,7 +178,7 @@ class ServerDaemon:
         self.round_started = time.monotonic()
         # Announcements the machine dropped (stale, duplicate, foreign) are never fetched.
         self.announced = {k: v for k, v in self.announced.items() if k[1] >= r}
-        await asyncio.to_thread(self.aggregator.begin_round, self.global_state, r)
+        await off_loop(self.aggregator.begin_round, self.global_state, r, nbytes=self.model_bytes)
         self.round_stats[r] = {"silos": [], "num_samples": 0, "loss_sum": 0.0}
         self.notifier.status(f"round {r + 1}/{self.cfg.train.comm_round}: collecting from silos "
                              f"{', '.join(map(str, selected))}")
@@ -202,7 +214,7 @@ class ServerDaemon:
         state, env = self.verified.pop(rank)
         n = int(env.body["num_samples"])
         try:
-            await asyncio.to_thread(self.aggregator.accumulate, state, n, rank)
+            await off_loop(self.aggregator.accumulate, state, n, rank, nbytes=self.model_bytes)
         finally:
             del state
             self._update_slots.release()
@@ -215,7 +227,7 @@ class ServerDaemon:
         log.info("update_folded", silo=rank, round=round_, num_samples=n)
 
     async def _aggregate(self, fx: Effect) -> Event:
-        new_state = await asyncio.to_thread(self.aggregator.finish_round)
+        new_state = await off_loop(self.aggregator.finish_round, nbytes=self.model_bytes)
         self.global_state = {k: v.contiguous() for k, v in new_state.items()}
         return Event(Ev.AGGREGATED, round=fx.args["round"])
 
@@ -254,45 +266,42 @@ class ServerDaemon:
         return Event(Ev.EVALUATED, round=r)
 
     async def _checkpoint(self, fx: Effect) -> Event:
-        # The save runs while the next global is encoded and uploaded (same bytes, both on the
-        # critical path otherwise); _publish_global awaits it before announcing the next round,
-        # and every exit path awaits it, so what a crash or restart can observe is unchanged.
-        await self._checkpoint_settled()
-        self._checkpoint_task = asyncio.create_task(self._save_checkpoint(
-            fx.args["round"], self.global_state, self.aggregator.state_dict(), sorted(self.machine.online)))
+        self._pending_checkpoint = (fx.args["round"], self.aggregator.state_dict(), sorted(self.machine.online))
         return Event(Ev.CHECKPOINTED, round=fx.args["round"])
 
-    async def _checkpoint_settled(self) -> None:
-        """Wait for the deferred checkpoint save; its errors surface here."""
-        task, self._checkpoint_task = self._checkpoint_task, None
-        if task is not None:
-            await task
+    async def _commit_checkpoint(self, ref: PayloadRef, final: bool = False) -> None:
+        """Commit the pending checkpoint, whose model ``ref`` describes; retention of its round's
+        payloads follows behind, after the S3 replica that no longer refers to them."""
+        if self._pending_checkpoint is None:
+            return
+        r, agg, roster = self._pending_checkpoint
+        await self.checkpointer.commit(self.store, r, ref, agg, roster, after=lambda: self._apply_retention(r),
+                                       final=final)
+        self._pending_checkpoint = None
 
-    async def _save_checkpoint(self, r: int, state: dict[str, torch.Tensor], agg: dict[str, Any],
-                               roster: list[int]) -> None:
-        await self.checkpointer.save(self.store, r, state, agg, roster)
-        # Retention runs behind the next round instead of delaying its announcement (a
-        # DeleteObjects round trip per round); _publish_finish waits for it.
-        previous = self._retention_task
-        self._retention_task = asyncio.create_task(self._apply_retention(r, previous))
+    async def _flush_checkpoint(self) -> None:
+        """Commit a pending checkpoint that no next round will publish the model for (the last
+        round, an exit), and wait for everything behind it."""
+        if self._pending_checkpoint is not None:
+            ref = await publish_state(self.store, self.checkpointer.final_model_key(), self.global_state,
+                                      self.cfg.comm.inline_payload_max_bytes)
+            await self._commit_checkpoint(ref, final=True)
+        await self.checkpointer.finish(self.store)
 
-    async def _apply_retention(self, r: int, previous: asyncio.Task[None] | None) -> None:
-        if previous is not None:
-            with contextlib.suppress(Exception):
-                await previous
+    async def _apply_retention(self, r: int) -> None:
         # Retention: payloads of rounds older than the last keep_rounds closed ones are deleted
         # (they are no longer needed, and moto keeps everything in memory).
         old = r - self.cfg.comm.s3.keep_rounds
-        keys = [s3keys.global_key(self.cfg.run_id, old)] + [
-            s3keys.update_key(self.cfg.run_id, old, k) for k in range(1, self.cfg.train.client_num_in_total + 1)]
-        if old >= 0:
+        due = sorted(x for x in self._s3_rounds if x <= old)
+        keys = [key for x in due for key in [s3keys.global_key(self.cfg.run_id, x)] + [
+            s3keys.update_key(self.cfg.run_id, x, k) for k in range(1, self.cfg.train.client_num_in_total + 1)]]
+        if keys:
             with contextlib.suppress(OctopusError):
                 await self.store.delete(keys)
+                self._s3_rounds.difference_update(due)
 
     async def _publish_finish(self, reason: str) -> None:
-        await self._checkpoint_settled()
-        if self._retention_task is not None:
-            await self._retention_task
+        await self._flush_checkpoint()
         final = self.run_dir / "final_model.octt"
         self.run_dir.mkdir(parents=True, exist_ok=True)
         data = await asyncio.to_thread(codec.encode_state, self.global_state)
@@ -342,7 +351,7 @@ class ServerDaemon:
             raise DaemonExit(a["code"], a["reason"])
         elif k == "exit":
             with contextlib.suppress(Exception):
-                await self._checkpoint_settled()
+                await self._flush_checkpoint()
             raise DaemonExit(a["code"], a.get("reason", ""))
         else:
             raise OctopusError(f"server: unknown effect {k}")
@@ -352,7 +361,10 @@ class ServerDaemon:
         pending = [event]
         while pending:
             for fx in self.machine.handle(pending.pop(0)):
+                _t0 = time.perf_counter()
                 follow = await self._perform(fx)
+                if os.environ.get("OCTO_PROF"):
+                    log.info("prof", kind=fx.kind, ms=round(1000 * (time.perf_counter() - _t0), 3))
                 if follow is not None:
                     pending.append(follow)
 
@@ -432,6 +444,8 @@ class ServerDaemon:
         await self.store.ensure_bucket()
         resumed = await self.checkpointer.resume_round(self.store, self)
         start_round = 0 if resumed is None else resumed
+        # What a previous process may have left in S3 without deleting it yet.
+        self._s3_rounds.update(range(max(0, start_round - 2 - cfg.comm.s3.keep_rounds), start_round + 1))
         await self.link.wait_first_connection(self.life.connect_timeout_s)
         adopt = await self._adoptable(start_round) if start_round < cfg.train.comm_round else None
         if resumed is None and adopt is None:
