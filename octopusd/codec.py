@@ -21,6 +21,7 @@ memory is allocated, so a decoded state never costs more memory than the payload
 from __future__ import annotations
 
 import math
+import mmap
 import struct
 import sys
 from collections.abc import Mapping
@@ -212,8 +213,8 @@ def _reject_ext(code: int, data: bytes) -> Any:
 
 
 def _as_view(data: object) -> memoryview:
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise CodecError(f"expected bytes, bytearray or memoryview, got {type(data).__name__}")
+    if not isinstance(data, (bytes, bytearray, memoryview, mmap.mmap)):
+        raise CodecError(f"expected bytes, bytearray, memoryview or mmap, got {type(data).__name__}")
     mv = memoryview(data)
     if mv.format != "B" or mv.ndim != 1:
         mv = mv.cast("B")  # raises TypeError for non-contiguous views

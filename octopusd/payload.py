@@ -58,11 +58,13 @@ async def publish_state(store: PayloadStore, key: str, state: Mapping[str, torch
     return PayloadRef(sha256=digest, size=size, key=key)
 
 
-async def fetch_payload(store: PayloadStore, ref: PayloadRef, *, max_bytes: int) -> bytes | bytearray:
+async def fetch_payload(store: PayloadStore, ref: PayloadRef, *, max_bytes: int,
+                        alloc: Callable[[int], Any] = bytearray) -> Any:
     """The announced bytes, verified against the announced size and sha256.
 
-    An S3 payload comes back as a writable ``bytearray`` hashed while it streamed in, so
-    :func:`decode_payload` can decode it without copying.
+    An S3 payload comes back as a writable buffer (``alloc(size)``: a ``bytearray`` unless the
+    caller wants another kind) hashed while it streamed in, so :func:`decode_payload` can decode
+    it without copying.
     """
     if ref.size > max_bytes:
         raise PayloadError(f"announced payload of {ref.size} bytes exceeds the {max_bytes}-byte cap")
@@ -72,7 +74,7 @@ async def fetch_payload(store: PayloadStore, ref: PayloadRef, *, max_bytes: int)
         digest = sha256_hex(data)
     else:
         assert ref.key is not None
-        data, digest = await store.get_hashed(ref.key, max_bytes=max_bytes, size_hint=ref.size)
+        data, digest = await store.get_hashed(ref.key, max_bytes=max_bytes, size_hint=ref.size, alloc=alloc)
     if len(data) != ref.size:
         raise PayloadError(f"payload is {len(data)} bytes, announced {ref.size}")
     if digest != ref.sha256:

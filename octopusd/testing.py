@@ -199,10 +199,10 @@ class Federation:
         self.procs[name] = proc
         return proc
 
-    def start_all(self) -> None:
-        self.start("server", 0)
+    def start_all(self, env: dict[str, str] | None = None) -> None:
+        self.start("server", 0, env)
         for rank in range(1, len(self.silo_procs) + 1):
-            self.start("silo", rank)
+            self.start("silo", rank, env)
 
     def wait_all(self, timeout_s: float) -> dict[str, int | None]:
         deadline = time.monotonic() + timeout_s

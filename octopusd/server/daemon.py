@@ -166,10 +166,12 @@ class ServerDaemon:
         # Never announce a round before its predecessor is checkpointed: the checkpoint points to
         # this very payload (the model after round r - 1), so it costs no second upload.
         await self._commit_checkpoint(ref)
-        await self._begin_collect(r, selected)
         body = {"selected": list(selected), "payload": ref, "deadline_s": self.cfg.train.round_deadline_s}
         await self.link.publish(topics.broadcast(self.cfg.run_id), self._envelope(MsgType.ROUND_START, r, body),
                                 retain=True)
+        # The accumulator is set up while the silos fetch and train (no update can be folded
+        # before this effect returns: the consumer performs effects one at a time).
+        await self._begin_collect(r, selected)
         log.info("round_started", round=r, selected=list(selected), payload_bytes=ref.size,
                  inline=ref.inline is not None)
         return Event(Ev.GLOBAL_PUBLISHED, round=r)

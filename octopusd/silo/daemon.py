@@ -59,7 +59,7 @@ class SiloDaemon:
         self.last_update: tuple[int, bytes] | None = None   # (round, envelope) of the last upload
         self.machine = SiloMachine(cfg.rank)
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
-        self.global_bytes: bytes = b""
+        self.global_bytes: Any = b""  # bytes, or a channel.SharedBlob when large
         self.result: TrainResult | None = None
         self.tasks: set[asyncio.Task[Any]] = set()
         self.tg: asyncio.TaskGroup | None = None
@@ -108,7 +108,9 @@ class SiloDaemon:
 
     async def _fetch(self, round_: int, env: Envelope) -> None:
         try:
-            self.global_bytes = await fetch_payload(self.store, env.body["payload"], max_bytes=MAX_MODEL)
+            # Downloaded straight into shared memory when large: it goes to rank 0 by descriptor.
+            self.global_bytes = await fetch_payload(self.store, env.body["payload"], max_bytes=MAX_MODEL,
+                                                    alloc=self.group.shm.alloc)
         except OctopusError as exc:
             self.queue.put_nowait(Event(Ev.GLOBAL_REJECTED, round=round_, detail=str(exc)))
             return

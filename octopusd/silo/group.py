@@ -91,6 +91,8 @@ class TrainerGroup:
         self._exit: asyncio.Task[int] | None = None
         self.num_samples = 0
         self.launches = 0
+        # Large models go to rank 0 and back by shared memory, the buffers reused every round.
+        self.shm = channel.SharedMemory()
 
     def spec(self) -> LaunchSpec:
         d = self.cfg.dist
@@ -164,8 +166,9 @@ class TrainerGroup:
     async def _train_once(self, round_: int, model: bytes) -> TrainResult:
         if self._sock is None:
             raise TrainerError("trainer group is not running")
-        await self._race(channel.send_frame(self._sock, {"op": "train", "round": round_}, model), f"round {round_}")
-        header, blob = await self._race(channel.read_frame(self._sock), f"round {round_}")
+        await self._race(channel.send_frame(self._sock, {"op": "train", "round": round_}, model, self.shm),
+                         f"round {round_}")
+        header, blob = await self._race(channel.read_frame(self._sock, self.shm), f"round {round_}")
         if header.get("op") == "error":
             raise WireError(f"trainer rejected the global model: {header.get('message')}")
         if header.get("op") != "result" or header.get("round") != round_:
@@ -195,6 +198,7 @@ class TrainerGroup:
                     await channel.send_frame(self._sock, {"op": "stop"})
             self._sock.close()
         self._sock = None
+        self.shm.forget_incoming()
         if self.handle is not None and self._exit is not None:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(5.0, self.stop_grace_s)):

@@ -124,13 +124,15 @@ class Trainer:
 
 def _serve_rank0(trainer: Trainer, sock: socket.socket, log: Any) -> None:
     cmd = torch.zeros(2, dtype=torch.int64, device=trainer.device)
+    shm = channel.SharedMemory()  # large models come and go by shared memory, reused each round
     while True:
-        header, blob = channel.read_frame_sync(sock)
+        header, blob = channel.read_frame_sync(sock, shm)
         if header["op"] == "stop":
             cmd[0], cmd[1] = OP_STOP, -1
             dist.broadcast(cmd, src=0)
             return
         round_ = int(header.get("round", -1))
+        via = "shared memory" if isinstance(blob, channel.SharedBlob) else "socket"
         try:
             # Views into the received buffer: load_state_dict below is the only copy.
             state = codec.decode_state(blob, expected=trainer.layout, check_finite=True, copy=False)
@@ -148,8 +150,9 @@ def _serve_rank0(trainer: Trainer, sock: socket.socket, log: Any) -> None:
         # Streamed encode: the socket reads the parameters' own memory, no payload is assembled.
         _, out = codec.encode_segments({k: v.detach().cpu() for k, v in trainer.model.state_dict().items()})
         channel.send_frame_sync(sock, {"op": "result", "round": round_, "num_samples": n,
-                                       "train_loss": loss, "train_seconds": seconds}, out)
-        log.info("trainer_round_done", round=round_, train_loss=round(loss, 6), seconds=round(seconds, 3))
+                                       "train_loss": loss, "train_seconds": seconds}, out, shm)
+        log.info("trainer_round_done", round=round_, train_loss=round(loss, 6), seconds=round(seconds, 3),
+                 model_via=via)
 
 
 def _serve_other(trainer: Trainer) -> None:

@@ -272,7 +272,7 @@ class PayloadStore:
         return await self._retry(f"get s3://{self.bucket}/{key}", go)
 
     async def get_hashed(self, key: str, *, max_bytes: int, size_hint: int | None = None,
-                         chunk: int = 1 << 20) -> tuple[bytearray, str]:
+                         chunk: int = 1 << 20, alloc: Callable[[int], Any] = bytearray) -> tuple[Any, str]:
         """The object in a writable buffer and its sha256 hex digest, hashed as it streams in.
 
         Reading into one preallocated buffer avoids ``read()``'s chunk list and join (a second
@@ -282,20 +282,20 @@ class PayloadStore:
         same buffer, hashed in order as the ranges complete; ``size_hint`` (the size the sender
         announced) picks the way without a HEAD request, and a wrong hint fails the transfer.
         """
-        async def go() -> tuple[bytearray, str]:
+        async def go() -> tuple[Any, str]:
             resp = await self._client.get_object(Bucket=self.bucket, Key=key)
             size = int(resp.get("ContentLength") or 0)
             if size > max_bytes:
                 resp["Body"].close()
                 raise StorageError(f"s3://{self.bucket}/{key}: {size} bytes exceeds the {max_bytes}-byte cap")
-            buf, digest = bytearray(size), hashlib.sha256()
+            buf, digest = alloc(size), hashlib.sha256()  # alloc: a shared-memory buffer, say
             pos = await self._read_into(resp["Body"], memoryview(buf), digest.update, key, chunk)
             if pos != size:
                 raise OSError(f"s3://{self.bucket}/{key}: got {pos} of {size} bytes")
             return buf, digest.hexdigest()
 
         if size_hint is not None and self.multipart_threshold < size_hint <= max_bytes:
-            return await self._get_ranges(key, size_hint, chunk)
+            return await self._get_ranges(key, size_hint, chunk, alloc)
         return await self._retry(f"get s3://{self.bucket}/{key}", go)
 
     @staticmethod
@@ -312,8 +312,9 @@ class PayloadStore:
                 pos += len(part)
         return pos
 
-    async def _get_ranges(self, key: str, size: int, chunk: int) -> tuple[bytearray, str]:
-        buf = bytearray(size)
+    async def _get_ranges(self, key: str, size: int, chunk: int,
+                          alloc: Callable[[int], Any] = bytearray) -> tuple[Any, str]:
+        buf = alloc(size)
         view = memoryview(buf)
         starts = list(range(0, size, self.part_size))
         done = [asyncio.Event() for _ in starts]

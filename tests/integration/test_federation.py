@@ -59,12 +59,17 @@ def reference_fedavg(cfg_path, silo_world_sizes: dict[int, int], rounds: int) ->
     return state
 
 
-def test_three_rounds_complete_and_match_reference(tmp_path, mosquitto, moto_s3):
+@pytest.mark.parametrize("transport", ["inline", "s3-and-shared-memory"])
+def test_three_rounds_complete_and_match_reference(tmp_path, mosquitto, moto_s3, transport):
     """Three rounds finish, every process exits 0 and leaves nothing behind, metrics are written,
-    and the final global model equals an in-process FedAvg of the same DDP training (≤ 1e-5)."""
-    fed = Federation(tmp_path, mosquitto.port, moto_s3.endpoint_url, rounds=3, silo_procs=(2, 1))
+    and the final global model equals an in-process FedAvg of the same DDP training (≤ 1e-5).
+    Both ways a model travels: inline in MQTT and over the socket to rank 0 (small models), and
+    through S3 and, between silo master and rank 0, by shared memory (large ones: forced here)."""
+    shared = transport != "inline"
+    fed = Federation(tmp_path, mosquitto.port, moto_s3.endpoint_url, rounds=3, silo_procs=(2, 1),
+                     overrides={"comm_args": {"inline_payload_max_bytes": 0}} if shared else {})
     try:
-        fed.start_all()
+        fed.start_all(env={"OCTOPUSD_SHM_MIN_BYTES": "1"} if shared else None)
         codes = fed.wait_all(timeout_s=240)
         assert codes == {"server": 0, "silo1": 0, "silo2": 0}, {n: fed.log_text(n)[-3000:] for n in codes}
         assert fed.stray_pids() == []
@@ -86,5 +91,8 @@ def test_three_rounds_complete_and_match_reference(tmp_path, mosquitto, moto_s3)
         # The two-trainer silo really ran DDP with two ranks.
         assert '"trainer_rank": 1' in fed.log_text("silo1")
         assert '"trainer_rank": 1' not in fed.log_text("silo2")
+        for silo in ("silo1", "silo2"):
+            done = [json.loads(x) for x in fed.log_text(silo).splitlines() if '"trainer_round_done"' in x]
+            assert [d["model_via"] for d in done] == ["shared memory" if shared else "socket"] * 3
     finally:
         fed.stop()
