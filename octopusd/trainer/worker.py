@@ -30,7 +30,6 @@ from octopusd import codec
 from octopusd.config import Config, load_config
 from octopusd.errors import CodecError, OctopusError
 from octopusd.logs import configure_logging
-from octopusd.memory import return_large_buffers
 from octopusd.plugins import load_plugins
 from octopusd.trainer import channel
 from octopusd.trainer.devices import trainer_device
@@ -188,7 +187,6 @@ def run_trainer(cfg: Config, socket_path: str, *, dataset: Any = None,
                 model: torch.nn.Module | None = None) -> int:
     """Serve rounds as one rank of the silo's group until the silo master says stop."""
     _die_with_parent()
-    return_large_buffers()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     log = structlog.get_logger("octopusd.trainer").bind(silo=cfg.rank, trainer_rank=rank)
     device = trainer_device(cfg, rank, world)
