@@ -76,9 +76,9 @@ def summarize(name: str, raw: dict[str, Any], rows: list[dict[str, Any]], floor:
         "peak_minus_idle_over_model": round((peak - idle) / model_bytes, 2),
         "model_mb": round(model_bytes / MiB, 2),
         "payload_inline": rows[0]["inline"],
-        # global: 1 upload + 1 download per silo; each update: 1 upload + 1 download
+        # global: 1 upload + 1 download per silo; each update: 1 upload + 1 download. The
+        # checkpoint refers to the next round's global payload: it moves no model bytes.
         "bytes_per_round": g * (1 + silos) + 2 * sum(ups),
-        "checkpoint_bytes_per_round": g,
         "floor_s": round(floor["floor_s"], 4),
         "floor_down_s": round(floor["floor_down_s"], 4),
         "floor_up_s": round(floor["floor_up_s"], 4),

@@ -21,7 +21,7 @@ from octopusd.config import Config, load_config
 from octopusd.errors import OctopusError
 from octopusd.logs import configure_logging
 from octopusd.runtime import Shutdown, first_octopus_error
-from octopusd.trainer.worker import SOCKET_ENV, is_trainer_process, run_trainer
+from octopusd.trainer.worker import SOCKET_ENV, exit_now, is_trainer_process, run_trainer
 
 
 def init(argv: list[str] | None = None) -> Config:
@@ -62,7 +62,9 @@ class Client:
 
     def run(self) -> int:
         if is_trainer_process():
-            return run_trainer(self.args, os.environ[SOCKET_ENV], dataset=self.dataset, model=self.model)
+            # A trainer process ends here, when its silo master says stop: the rest of the
+            # user's script belongs to the silo master process, which returns from run().
+            exit_now(run_trainer(self.args, os.environ[SOCKET_ENV], dataset=self.dataset, model=self.model))
         from octopusd.silo.daemon import SiloDaemon
 
         custom = self.dataset is not None or self.model is not None

@@ -11,6 +11,7 @@ under torchrun (which sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_POR
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import datetime
 import os
@@ -180,7 +181,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--socket", required=True)
     a = p.parse_args(argv)
     configure_logging()
-    return run_trainer(load_config(a.cf, a.rank, run_id=a.run_id), a.socket)
+    exit_now(run_trainer(load_config(a.cf, a.rank, run_id=a.run_id), a.socket))
+    return 0  # not reached
+
+
+def exit_now(code: int) -> None:
+    """End a trainer process at once, output flushed, without the interpreter's teardown.
+
+    After the process group is destroyed, tearing down torch's C++ state at interpreter exit can
+    abort ("terminate called without an active exception", SIGABRT) on a thread that gloo left
+    behind, which torchrun then reports as a failed rank although every round went well.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def run_trainer(cfg: Config, socket_path: str, *, dataset: Any = None,

@@ -92,6 +92,8 @@ def test_three_rounds_complete_and_match_reference(tmp_path, mosquitto, moto_s3,
         assert '"trainer_rank": 1' in fed.log_text("silo1")
         assert '"trainer_rank": 1' not in fed.log_text("silo2")
         for silo in ("silo1", "silo2"):
+            # Trainers end cleanly: no abort at teardown that torchrun would report as a failure.
+            assert "SIGABRT" not in fed.log_text(silo) and "terminate called" not in fed.log_text(silo)
             done = [json.loads(x) for x in fed.log_text(silo).splitlines() if '"trainer_round_done"' in x]
             assert [d["model_via"] for d in done] == ["shared memory" if shared else "socket"] * 3
     finally:
