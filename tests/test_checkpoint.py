@@ -13,7 +13,7 @@ import torch
 from octopusd import codec
 from octopusd.config import S3Config
 from octopusd.payload import publish_state
-from octopusd.server.checkpoint import Checkpointer
+from octopusd.server.checkpoint import Checkpointer, _read_slot
 from octopusd.transport.s3 import PayloadStore, checkpoint_key
 
 
@@ -63,7 +63,7 @@ def test_commit_then_resume_local_and_from_the_s3_replica(tmp_path, moto_s3, inl
             ref = await publish_state(store, f"{run_id}/round-000004/global.octt", state, 4096)
             assert (ref.inline is not None) == inline
             await ck.commit(store, 3, ref, {"step": 7}, [1, 2], after=after)
-            meta = json.loads(ck.path.read_text())  # on disk before commit returns
+            meta = json.loads(_read_slot(ck.slots[1]))  # on disk before commit returns (round 3: slot 1)
             assert meta["round"] == 3 and meta["roster"] == [1, 2]
             assert ("model_b64" in meta) == inline and meta.get("model_key") == ref.key
             await ck.settle()
@@ -74,7 +74,8 @@ def test_commit_then_resume_local_and_from_the_s3_replica(tmp_path, moto_s3, inl
 
             for lose_disk in (False, True):
                 if lose_disk:
-                    ck.path.unlink()
+                    for slot in ck.slots:
+                        slot.unlink(missing_ok=True)
                 d = _Daemon(state)
                 assert await Checkpointer(cfg).resume_round(store, d) == 4
                 assert all(torch.equal(d.global_state[k], state[k]) for k in state)
@@ -84,8 +85,9 @@ def test_commit_then_resume_local_and_from_the_s3_replica(tmp_path, moto_s3, inl
 
 @pytest.mark.timeout(60)
 def test_newest_valid_checkpoint_wins_and_corrupt_ones_are_refused(tmp_path, moto_s3):
-    """Local ahead of a lagging S3 replica: local wins. A local file whose model does not match
-    its sha256 falls back to the replica; a replica whose model object is gone is unusable."""
+    """Local ahead of a lagging S3 replica: local wins. A slot torn by a crash mid-write fails
+    its sha256 and the other slot (the round before) is used; a replica whose model does not
+    match its sha256, or is gone, is unusable."""
     run_id = f"ck-{uuid.uuid4().hex[:8]}"
     cfg = _cfg(tmp_path, run_id)
     s4, s5 = _state(5000, 4), _state(5000, 5)
@@ -107,15 +109,22 @@ def test_newest_valid_checkpoint_wins_and_corrupt_ones_are_refused(tmp_path, mot
             assert await Checkpointer(cfg).resume_round(store, d) == 5
             assert torch.equal(d.global_state["w"], s5["w"])
 
-            meta = json.loads(ck.path.read_text())
-            meta["sha256"] = "0" * 64
-            ck.path.write_text(json.dumps(meta))
+            # Round 4 (slot 0) torn by a crash mid-write: its sha256 fails, round 3 (slot 1) is used.
+            raw = bytearray(ck.slots[0].read_bytes())
+            raw[-5] ^= 0xFF
+            ck.slots[0].write_bytes(bytes(raw))
             d = _Daemon(s4)
-            assert await Checkpointer(cfg).resume_round(store, d) == 4  # the replica
+            assert await Checkpointer(cfg).resume_round(store, d) == 4
             assert torch.equal(d.global_state["w"], s4["w"])
 
-            await store.delete([f"{run_id}/round-000004/global.octt"])
+            # Both slots gone and a model whose sha256 does not match: the replica is refused too.
+            for slot in ck.slots:
+                slot.unlink()
+            await store.put(f"{run_id}/round-000004/global.octt", b"x" * ref4.size)
             assert await Checkpointer(cfg).resume_round(store, _Daemon(s4)) is None
+
+            await store.delete([f"{run_id}/round-000004/global.octt"])
+            assert await Checkpointer(cfg).resume_round(store, _Daemon(s4)) is None  # model gone
     asyncio.run(go())
 
 
@@ -137,7 +146,7 @@ def test_self_contained_replica_is_throttled_and_brought_up_to_date_at_the_end(t
                 ref = await publish_state(store, "unused", _state(10, r), 4096)
                 await ck.commit(store, r, ref, {}, [1])
                 await ck.settle()
-                assert json.loads(ck.path.read_text())["round"] == r
+                assert json.loads(_read_slot(ck.slots[r % 2]))["round"] == r
             assert await replica_round(store) == 0  # within the interval: only the first one
             await ck.finish(store)
             assert await replica_round(store) == 2

@@ -7,10 +7,13 @@ payload rides inline in MQTT (then it is small: the bytes go into the checkpoint
 
 Two copies, in this order on the round's critical path:
 
-1. ``<run_dir>/state/checkpoint.json`` -- written to a temporary name and renamed *before* the
-   next round is announced, so a crash of the server process (kill -9) at any point leaves a
-   checkpoint consistent with what the silos were told. It is flushed to disk (fsync of file and
-   directory) right after the announcement, behind the round.
+1. ``<run_dir>/state/checkpoint-0`` and ``checkpoint-1`` -- two slots, round r in slot r % 2,
+   each a header (magic, length, sha256) and the checkpoint's JSON, written in place *before* the
+   next round is announced. A crash of the server process (kill -9) at any point leaves a
+   checkpoint consistent with what the silos were told: a torn write fails its sha256 and the
+   other slot (the round before, not yet announced past) is used. In place because replacing a
+   file by rename costs ext4 a flush on the critical path (0.2-0.5 ms, more than the rest of the
+   checkpoint); each slot is flushed to disk (fsync) right after the announcement, behind the round.
 2. ``<run_id>/checkpoint.json`` in S3 -- a replica for a server that lost its disk, written
    behind the announcement as well. A replica that points to an S3 payload is written every
    round, and payload retention for a round runs only after the replica that no longer needs it
@@ -25,8 +28,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import os
+import struct
 import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -41,36 +46,40 @@ from octopusd.transport.s3 import NotFoundError, PayloadStore, checkpoint_key
 
 log = structlog.get_logger(__name__)
 REPLICA_INTERVAL_S = 10.0
+SLOT_MAGIC = b"OCKP"
+_SLOT_HEAD = struct.Struct("<4sQ32s")  # magic, JSON length, sha256 of the JSON
 
 
-def _write_replace(path: Path, data: bytes) -> None:
-    """Atomic against a crash of this process: a temporary file renamed over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
-def _fsync(path: Path) -> None:
-    """Flush ``path`` and its directory entry to disk (durability against power loss)."""
+def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-    dfd = os.open(path.parent, os.O_RDONLY)
+
+
+def _read_slot(path: Path) -> bytes | None:
+    """The JSON of a checkpoint slot, or None when it is missing, torn or not a slot."""
     try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    if len(raw) < _SLOT_HEAD.size:
+        return None
+    magic, n, digest = _SLOT_HEAD.unpack_from(raw)
+    body = raw[_SLOT_HEAD.size:_SLOT_HEAD.size + n]
+    if magic != SLOT_MAGIC or len(body) != n or hashlib.sha256(body).digest() != digest:
+        log.warning("checkpoint_slot_invalid", path=str(path))
+        return None
+    return body
 
 
 class Checkpointer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.dir = cfg.run_dir / "state"
-        self.path = self.dir / "checkpoint.json"
+        self.slots = (self.dir / "checkpoint-0", self.dir / "checkpoint-1")
+        self._fds: dict[int, int] = {}
         self._behind: asyncio.Task[None] | None = None
         self._replicated_at = -float("inf")
         self._unreplicated: bytes | None = None  # the newest checkpoint, when its replica was skipped
@@ -96,18 +105,36 @@ class Checkpointer:
         else:
             meta["model_key"] = ref.key
         blob = json.dumps(meta).encode()
-        _write_replace(self.path, blob)  # a few KB to the page cache (inline models: <= 350 KB)
+        slot = round_ % 2
+        self._write_slot(slot, blob)  # a few KB to the page cache (inline models: <= 350 KB)
         log.info("checkpoint_saved", round=round_, sha256=ref.sha256[:16])
         now = time.monotonic()
         replicate = final or ref.inline is None or now - self._replicated_at >= REPLICA_INTERVAL_S
         if replicate:
             self._replicated_at = now
         self._unreplicated = None if replicate else blob
-        self._behind = asyncio.create_task(self._replicate(store, blob if replicate else None, after))
+        self._behind = asyncio.create_task(self._replicate(store, slot, blob if replicate else None, after))
 
-    async def _replicate(self, store: PayloadStore, blob: bytes | None,
+    def _write_slot(self, slot: int, blob: bytes) -> None:
+        fd = self._fds.get(slot)
+        if fd is None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.slots[slot], os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._fds[slot] = fd
+            _fsync_dir(self.dir)  # the slot's directory entry, once
+        frame = _SLOT_HEAD.pack(SLOT_MAGIC, len(blob), hashlib.sha256(blob).digest()) + blob
+        done = 0
+        while done < len(frame):
+            done += os.pwrite(fd, frame[done:], done)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    async def _replicate(self, store: PayloadStore, slot: int, blob: bytes | None,
                          after: Callable[[], Awaitable[None]] | None) -> None:
-        await asyncio.to_thread(_fsync, self.path)
+        await asyncio.to_thread(os.fsync, self._fds[slot])
         if blob is not None:
             await store.put(checkpoint_key(self.cfg.run_id), blob)
         if after is not None:
@@ -162,11 +189,15 @@ class Checkpointer:
 
         cap = int(daemon.max_payload)
         meta_cap = 2**20 + 2 * self.cfg.comm.inline_payload_max_bytes  # base64 of an inline model
-        candidates = [c for c in (
-            await self._candidate(store, "local", lambda: asyncio.to_thread(self.path.read_bytes), cap),
-            await self._candidate(store, "s3", lambda: store.get(checkpoint_key(self.cfg.run_id), max_bytes=meta_cap),
-                                  cap),
-        ) if c is not None]
+        async def local(path: Path) -> bytes:
+            body = await asyncio.to_thread(_read_slot, path)
+            if body is None:
+                raise FileNotFoundError(path)
+            return body
+        found = [await self._candidate(store, f"local {p.name}", lambda p=p: local(p), cap) for p in self.slots]
+        found.append(await self._candidate(
+            store, "s3", lambda: store.get(checkpoint_key(self.cfg.run_id), max_bytes=meta_cap), cap))
+        candidates = [c for c in found if c is not None]
         if not candidates:
             return None
         meta, data = max(candidates, key=lambda c: int(c[0]["round"]))

@@ -98,6 +98,8 @@ class Trainer:
         self.loader = DataLoader(self.partition, batch_size=cfg.train.batch_size, sampler=self.sampler)
 
     def sync_from_rank0(self) -> None:
+        if self.world == 1:
+            return  # a group of one: nothing to send anybody
         for t in self.model.state_dict().values():
             dist.broadcast(t, src=0)
 
@@ -118,7 +120,8 @@ class Trainer:
                 total += float(loss.detach()) * len(y)
                 count += len(y)
         stats = torch.tensor([total, float(count)], dtype=torch.float64, device=self.device)
-        dist.all_reduce(stats)
+        if self.world > 1:
+            dist.all_reduce(stats)
         return float(stats[0] / max(stats[1], 1.0)), len(self.partition)
 
 
@@ -129,7 +132,8 @@ def _serve_rank0(trainer: Trainer, sock: socket.socket, log: Any) -> None:
         header, blob = channel.read_frame_sync(sock, shm)
         if header["op"] == "stop":
             cmd[0], cmd[1] = OP_STOP, -1
-            dist.broadcast(cmd, src=0)
+            if trainer.world > 1:
+                dist.broadcast(cmd, src=0)
             return
         round_ = int(header.get("round", -1))
         via = "shared memory" if isinstance(blob, channel.SharedBlob) else "socket"
@@ -142,7 +146,8 @@ def _serve_rank0(trainer: Trainer, sock: socket.socket, log: Any) -> None:
         trainer.model.load_state_dict(state)
         del state, blob  # views of the received payload: free it before training, not after
         cmd[0], cmd[1] = OP_TRAIN, round_
-        dist.broadcast(cmd, src=0)
+        if trainer.world > 1:
+            dist.broadcast(cmd, src=0)
         trainer.sync_from_rank0()
         t0 = time.perf_counter()
         loss, n = trainer.train_round(round_)

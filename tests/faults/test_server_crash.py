@@ -35,7 +35,7 @@ def test_server_killed_mid_round_resumes_and_matches_an_uninterrupted_run(tmp_pa
         assert count_events(fed, "server", "update_folded", silo=2, round=crash_round) == 0
         os.kill(fed.procs["server"].pid, signal.SIGKILL)
         assert fed.procs["server"].wait(10) == -signal.SIGKILL
-        has_checkpoint = (fed.run_dir / "state" / "checkpoint.json").exists()
+        has_checkpoint = (fed.run_dir / "state" / "checkpoint-0").exists()  # round 0: slot 0
         assert has_checkpoint == (crash_round > 0)
 
         # Silo 2 finishes the round and uploads while no server is running.

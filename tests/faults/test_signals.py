@@ -105,7 +105,7 @@ def test_sigint_to_the_server_and_sigterm_to_a_silo_stop_them_cleanly_and_the_ru
         wait_for("round 0 aggregated", lambda: len(metrics(fed)) >= 1, 150)
         code, took = _stop(fed.procs["server"], signal.SIGINT, within_s=5)
         assert code == 0 and took < 5, (code, took, fed.log_text("server")[-2000:])
-        assert (fed.run_dir / "state" / "checkpoint.json").exists()
+        assert (fed.run_dir / "state" / "checkpoint-0").exists()  # round 0 is in slot 0
 
         assert len(silo_pids(fed, 1)) >= 4   # master, torchrun, two trainers
         code, took = _stop(fed.procs["silo1"], signal.SIGTERM, within_s=10)
