@@ -457,6 +457,10 @@ def load_config(path: str | Path, rank: int, *, run_id: str | None = None,
                 env: Mapping[str, str] | None = None) -> Config:
     """Parse the main config file and this rank's private file into a frozen :class:`Config`."""
     env = os.environ if env is None else env
+    shm_min = env.get("OCTOPUSD_SHM_MIN_BYTES", "")
+    if shm_min and not (shm_min.isdigit() and int(shm_min) >= 1):
+        raise ConfigError(f"expected a positive number of bytes, got {shm_min!r}",
+                          key="environment variable OCTOPUSD_SHM_MIN_BYTES")
     main = Path(path).expanduser()
     file = str(main)
     raw = _read_yaml(main)

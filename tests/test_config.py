@@ -372,3 +372,10 @@ def test_the_first_node_must_be_the_master(tmp_path):
                                                           "node_addresses": ["10.0.0.1", "10.0.0.2"]}})
     err = config_error(path)
     assert err.key == "dist_training_args.master_address" and "first node" in str(err)
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "1MB", "lots"])
+def test_a_bad_shared_memory_threshold_is_a_config_error(value):
+    with pytest.raises(ConfigError, match="OCTOPUSD_SHM_MIN_BYTES"):
+        load_config(SEED, 1, env={"OCTOPUSD_SHM_MIN_BYTES": value})
+    assert load_config(SEED, 1, env={"OCTOPUSD_SHM_MIN_BYTES": "4096"}).rank == 1
