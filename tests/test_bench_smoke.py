@@ -62,3 +62,9 @@ def test_trainer_bench_compares_a_silo_with_a_bare_torchrun_loop(tmp_path):
                        "--workdir", str(tmp_path))
     assert out["samples"] == 64 and out["octopusd_samples_per_s"] > 0 and out["bare_samples_per_s"] > 0
     assert out["ratio"] > 0
+
+
+def test_fuzz_bench_runs_the_fuzzers_with_its_example_count():
+    (out,) = run_bench("fuzz.py", "--examples", "20", timeout=240)
+    assert out["bench"] == "fuzz" and out["examples_per_test"] == 20 and out["only_typed_errors"] is True
+    assert "passed" in out["pytest_summary"][0]
