@@ -22,7 +22,9 @@ Two copies, in this order on the round's critical path:
    would cost more CPU than the round's own messages. So the replica can lag the local file by
    the round in flight, or by ``REPLICA_INTERVAL_S`` for an inline model.
 
-On start the newest checkpoint whose model verifies (sha256) is resumed, local or S3.
+On start the newest checkpoint whose model verifies (sha256) is resumed, local or S3. A server
+that resumes from a lagging replica catches up from the round announcement retained on the broker
+(``ServerDaemon._catch_up``).
 """
 from __future__ import annotations
 

@@ -412,9 +412,9 @@ class ServerDaemon:
         await self._announce_offline()
         raise DaemonExit(int(ExitCode.OK), "signal")
 
-    async def _adoptable(self, round_: int) -> Envelope | None:
-        """The retained announcement of ``round_`` if a previous server process published it for
-        exactly our global model and its payload is still readable; else None (announce anew)."""
+    async def _retained_announcement(self) -> Envelope | None:
+        """The round announcement a previous server process of this run left retained, if any
+        (checked like any message: well-formed, ours, signed by us when we sign)."""
         try:
             raw = await self.link.fetch_retained(topics.broadcast(self.cfg.run_id),
                                                  timeout_s=min(10.0, self.life.connect_timeout_s))
@@ -425,11 +425,19 @@ class ServerDaemon:
             return None
         try:
             env = decode_envelope(raw, max_bytes=MAX_ENVELOPE)
+            if env.type is not MsgType.ROUND_START or env.run_id != self.cfg.run_id or env.sender != 0:
+                return None
+            own = {0: self.signer.key.public_key()} if self.signer.key is not None else {}
+            security.Verifier(own, self.verifier.required).check(env)
         except EnvelopeError as exc:
             log.warning("retained_announcement_rejected", reason=str(exc))
             return None
-        if (env.type is not MsgType.ROUND_START or env.run_id != self.cfg.run_id or env.sender != 0
-                or env.round != round_):
+        return env
+
+    async def _adoptable(self, env: Envelope | None, round_: int) -> Envelope | None:
+        """``env`` if it announces ``round_`` for exactly our global model and its payload is
+        still readable; else None (announce anew)."""
+        if env is None or env.round != round_:
             return None
         ref: PayloadRef = env.body["payload"]
         data = await asyncio.to_thread(codec.encode_state, self.global_state)
@@ -441,15 +449,43 @@ class ServerDaemon:
             return None
         return env
 
+    async def _catch_up(self, env: Envelope | None, checkpoint_round: int) -> Envelope | None:
+        """The announcement of a round past our checkpoint's successor, adopted with its model.
+
+        That happens when the local state was lost and the S3 replica lags (see
+        octopusd.server.checkpoint): the silos have finished rounds the checkpoint has not seen
+        and would ignore older announcements. The retained announcement carries the model after
+        the round before it (verified by its sha256), so the run goes on from there; only the
+        aggregator's own state, if it keeps any, is the checkpoint's.
+        """
+        if env is None or env.round <= checkpoint_round + 1 or env.round >= self.cfg.train.comm_round:
+            return None
+        try:
+            data = await fetch_payload(self.store, env.body["payload"], max_bytes=self.max_payload)
+            state = await decode_payload(data, self.layout, self.max_payload)
+        except OctopusError as exc:
+            log.warning("retained_announcement_unusable", round=env.round, reason=str(exc))
+            return None
+        self.global_state = {k: v.clone() for k, v in state.items()}
+        log.warning("resumed_from_announcement", checkpoint_round=checkpoint_round, round=env.round,
+                    reason="the checkpoint is older than the round the silos were told about")
+        return env
+
     async def _start_up(self, tg: asyncio.TaskGroup) -> None:
         cfg = self.cfg
         await self.store.ensure_bucket()
         resumed = await self.checkpointer.resume_round(self.store, self)
         start_round = 0 if resumed is None else resumed
+        await self.link.wait_first_connection(self.life.connect_timeout_s)
+        adopt = None
+        if start_round < cfg.train.comm_round:
+            retained = await self._retained_announcement()
+            adopt = await self._adoptable(retained, start_round)
+            if adopt is None and resumed is not None:
+                adopt = await self._catch_up(retained, resumed - 1)
+                start_round = adopt.round if adopt is not None else start_round
         # What a previous process may have left in S3 without deleting it yet.
         self._s3_rounds.update(range(max(0, start_round - 2 - cfg.comm.s3.keep_rounds), start_round + 1))
-        await self.link.wait_first_connection(self.life.connect_timeout_s)
-        adopt = await self._adoptable(start_round) if start_round < cfg.train.comm_round else None
         if resumed is None and adopt is None:
             # A fresh run: clear what a previous run of this id left retained.
             await self.link.publish(topics.broadcast(cfg.run_id), b"", retain=True)

@@ -63,3 +63,48 @@ def test_server_killed_mid_round_resumes_and_matches_an_uninterrupted_run(tmp_pa
         assert fed.stray_pids() == []
     finally:
         fed.stop()
+
+
+def test_server_that_lost_its_disk_catches_up_from_the_retained_announcement(tmp_path, mosquitto, moto_s3):
+    """The server dies in round 2 and comes back without its local state, with only an S3 replica
+    of round 0 (replicas of inline models lag by design). The silos have finished round 1 and
+    would ignore a round-1 announcement, so the server takes the retained round-2 announcement's
+    model (verified by sha256) and adopts round 2; the run ends with the exact reference model."""
+    import boto3
+
+    rounds = 4
+    fed = Federation(tmp_path, mosquitto.port, moto_s3.endpoint_url, rounds=rounds, silo_procs=(1, 1),
+                     silo_sections={2: {"train_args": {"epochs": 20}}})
+    try:
+        fed.start_all()
+        wait_for_event(fed, "server", "update_folded", 150, silo=1, round=2)
+        os.kill(fed.procs["server"].pid, signal.SIGKILL)
+        assert fed.procs["server"].wait(10) == -signal.SIGKILL
+        state = fed.run_dir / "state"
+        raw = (state / "checkpoint-0").read_bytes()  # round 0: round 2 was never committed
+        body = raw[44:]  # after the slot header: magic, length, sha256
+        assert b'"round": 0' in body
+        s3 = boto3.client("s3", endpoint_url=moto_s3.endpoint_url, region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+        s3.put_object(Bucket="octopusd-test", Key=f"{fed.run_id}/checkpoint.json", Body=body)
+        for slot in state.glob("checkpoint-*"):
+            slot.unlink()
+
+        seen = len(events(fed, "server"))
+        fed.start("server", 0)
+        codes = fed.wait_all(timeout_s=200)
+        assert codes == {"server": 0, "silo1": 0, "silo2": 0}, {n: fed.log_text(n)[-3000:] for n in codes}
+        second = events(fed, "server")[seen:]
+        ready = next(e for e in second if e.get("event") == "server_ready")
+        assert ready["resumed"] is True and ready["start_round"] == 2 and ready["adopted_round"] is True
+        assert any(e.get("event") == "resumed_from_announcement" and e.get("checkpoint_round") == 0
+                   for e in second)
+        for silo in ("silo1", "silo2"):
+            trained = [e["round"] for e in events(fed, silo) if e.get("event") == "trainer_round_done"]
+            assert trained == list(range(rounds)), (silo, trained)
+        final = codec.decode_state((fed.run_dir / "final_model.octt").read_bytes())
+        expected = reference_fedavg(fed.config, {1: 1, 2: 1}, [{1, 2}] * rounds)
+        assert max_diff(final, expected) <= 1e-5
+        assert fed.stray_pids() == []
+    finally:
+        fed.stop()
