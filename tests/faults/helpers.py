@@ -130,3 +130,16 @@ def reference_fedavg(cfg_path: Path, silo_world_sizes: dict[int, int],
             updates.append(({k: v.detach().clone() for k, v in model.state_dict().items()}, len(part)))
         state = weighted_average(updates)
     return state
+
+
+def assert_every_round_trained_exactly(fed: Federation, rounds: int) -> None:
+    """Both silos trained every round once, the final model is the uninterrupted FedAvg
+    reference (≤ 1e-5), and no process was left behind."""
+    from octopusd import codec
+    for silo in ("silo1", "silo2"):
+        trained = [e["round"] for e in events(fed, silo) if e.get("event") == "trainer_round_done"]
+        assert trained == list(range(rounds)), (silo, trained)
+    final = codec.decode_state((fed.run_dir / "final_model.octt").read_bytes())
+    expected = reference_fedavg(fed.config, {1: 1, 2: 1}, [{1, 2}] * rounds)
+    assert max_diff(final, expected) <= 1e-5
+    assert fed.stray_pids() == []

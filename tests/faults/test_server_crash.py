@@ -10,10 +10,9 @@ import signal
 
 import pytest
 
-from octopusd import codec
 from octopusd.testing import Federation
 
-from .helpers import count_events, events, max_diff, reference_fedavg, wait_for, wait_for_event
+from .helpers import assert_every_round_trained_exactly, count_events, events, wait_for, wait_for_event
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -53,14 +52,7 @@ def test_server_killed_mid_round_resumes_and_matches_an_uninterrupted_run(tmp_pa
         assert not any(e.get("event") == "round_started" and e.get("round") == crash_round for e in second)
         assert {e["silo"] for e in second if e.get("event") == "update_folded"
                 and e.get("round") == crash_round} == {1, 2}
-        for silo in ("silo1", "silo2"):
-            trained = [e["round"] for e in events(fed, silo) if e.get("event") == "trainer_round_done"]
-            assert trained == list(range(rounds)), (silo, trained)
-
-        final = codec.decode_state((fed.run_dir / "final_model.octt").read_bytes())
-        expected = reference_fedavg(fed.config, {1: 1, 2: 1}, [{1, 2}] * rounds)
-        assert max_diff(final, expected) <= 1e-5
-        assert fed.stray_pids() == []
+        assert_every_round_trained_exactly(fed, rounds)
     finally:
         fed.stop()
 
@@ -99,12 +91,6 @@ def test_server_that_lost_its_disk_catches_up_from_the_retained_announcement(tmp
         assert ready["resumed"] is True and ready["start_round"] == 2 and ready["adopted_round"] is True
         assert any(e.get("event") == "resumed_from_announcement" and e.get("checkpoint_round") == 0
                    for e in second)
-        for silo in ("silo1", "silo2"):
-            trained = [e["round"] for e in events(fed, silo) if e.get("event") == "trainer_round_done"]
-            assert trained == list(range(rounds)), (silo, trained)
-        final = codec.decode_state((fed.run_dir / "final_model.octt").read_bytes())
-        expected = reference_fedavg(fed.config, {1: 1, 2: 1}, [{1, 2}] * rounds)
-        assert max_diff(final, expected) <= 1e-5
-        assert fed.stray_pids() == []
+        assert_every_round_trained_exactly(fed, rounds)
     finally:
         fed.stop()
