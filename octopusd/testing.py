@@ -217,8 +217,8 @@ class Federation:
         path = self.workdir / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def stray_pids(self) -> list[int]:
-        """Live processes whose command line mentions this run (trainers included)."""
+    def run_processes(self) -> list[tuple[int, str]]:
+        """(pid, command line) of the live processes whose command line mentions this run."""
         out = []
         for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
             try:
@@ -228,8 +228,12 @@ class Federation:
             if str(self.config) in text or self.run_id in text:
                 pid = int(cmdline.parent.name)
                 if alive(pid):
-                    out.append(pid)
+                    out.append((pid, text))
         return out
+
+    def stray_pids(self) -> list[int]:
+        """Live processes whose command line mentions this run (trainers included)."""
+        return [pid for pid, _ in self.run_processes()]
 
     def stop(self) -> None:
         """Kill whatever is still running (after a test, pass or fail)."""

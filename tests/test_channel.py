@@ -62,12 +62,12 @@ def test_frames_round_trip_between_the_async_and_blocking_ends(n):
 
 
 @pytest.mark.timeout(30)
-def test_a_download_buffer_from_alloc_blob_is_sent_without_a_copy():
-    """alloc_blob gives a SharedBlob for large payloads; sending it passes its own memfd."""
-    buf = channel.alloc_blob(channel.SHARE_MIN)
+def test_a_download_buffer_from_alloc_is_sent_without_a_copy():
+    """SharedMemory.alloc gives a SharedBlob for large payloads; sending it passes its own memfd."""
+    buf = channel.SharedMemory().alloc(channel.SHARE_MIN)
     assert isinstance(buf, channel.SharedBlob)
     buf[:5] = b"hello"
-    assert isinstance(channel.alloc_blob(100), bytearray)
+    assert isinstance(channel.SharedMemory().alloc(100), bytearray)
     a, b = socket.socketpair()
     with a, b:
         channel.send_frame_sync(a, {"op": "train", "round": 0}, buf)

@@ -19,7 +19,7 @@ from octopusd.errors import ConfigError
 from octopusd.lifecycle import Lifecycle, lifecycle
 from octopusd.notify import Notifier
 from octopusd.runtime import log_level_from_env, reload_log_level, set_log_level
-from octopusd.server.machine import Ev, Event, ServerMachine, State
+from octopusd.server.machine import Ev, Event, State
 from octopusd.silo.machine import Ev as SEv, Event as SEvent, SiloMachine, State as SState
 
 from .test_server_machine import collecting, feed, kinds, machine, of_kind, report

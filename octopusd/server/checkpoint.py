@@ -40,6 +40,7 @@ from typing import Any, Awaitable, Callable
 
 import structlog
 
+from octopusd import codec
 from octopusd.config import Config
 from octopusd.envelope import PayloadRef
 from octopusd.errors import OctopusError
@@ -187,8 +188,6 @@ class Checkpointer:
     async def resume_round(self, store: PayloadStore, daemon: Any) -> int | None:
         """Load the newest valid checkpoint into ``daemon``; return the round to start at, or None
         when there is no usable checkpoint (a fresh run)."""
-        from octopusd import codec
-
         cap = int(daemon.max_payload)
         meta_cap = 2**20 + 2 * self.cfg.comm.inline_payload_max_bytes  # base64 of an inline model
         async def local(path: Path) -> bytes:

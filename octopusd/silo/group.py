@@ -15,7 +15,6 @@ import socket
 import sys
 import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping, Protocol
 
 import structlog

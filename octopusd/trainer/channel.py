@@ -12,7 +12,7 @@ Blobs of ``SHARE_MIN`` bytes and more do not go through the socket: they travel 
 anonymous in-memory file) whose descriptor is passed with the header (``SCM_RIGHTS``), and the
 receiver maps it. The header then says ``"shm": <size>`` and the frame's blob length is 0. A
 40 MB model costs the sender one copy into the memfd (none when the silo master downloaded the
-global straight into one, see :func:`alloc_blob`) and the receiver none, where the socket cost
+global straight into one, see :meth:`SharedMemory.alloc`) and the receiver none, where the socket cost
 two copies and a few dozen wake-ups of both processes. The descriptor dies with the last
 mapping, so nothing is left behind however a process ends.
 """
@@ -137,13 +137,6 @@ class SharedMemory:
     def forget_incoming(self) -> None:
         """The other end is gone (a relaunched group): its buffers are no longer ours to map."""
         self._in.clear()
-
-
-def alloc_blob(size: int) -> bytearray | SharedBlob:
-    """A writable buffer for a payload that will go over the channel: shared when that pays."""
-    if size >= SHARE_MIN and shared_memory_available():
-        return SharedBlob.create(size)
-    return bytearray(size)
 
 
 def _nbytes(p: Any) -> int:

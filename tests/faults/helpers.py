@@ -14,7 +14,6 @@ from torch.utils.data import DataLoader, DistributedSampler
 from octopusd.aggregate import weighted_average
 from octopusd.config import load_config
 from octopusd.plugins import load_plugins
-from octopusd.procs import alive
 from octopusd.testing import Federation
 from octopusd.trainer.worker import make_optimizer
 
@@ -68,17 +67,7 @@ def metrics(fed: Federation) -> list[dict[str, Any]]:
 def silo_pids(fed: Federation, rank: int) -> list[int]:
     """Live processes of silo ``rank`` of this run: its master, torchrun and its trainers."""
     pattern = re.compile(rf"--rank {rank}(\s|$)")
-    out = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if (str(fed.config) in text or fed.run_id in text) and pattern.search(text):
-            pid = int(cmdline.parent.name)
-            if alive(pid):
-                out.append(pid)
-    return out
+    return [pid for pid, cmdline in fed.run_processes() if pattern.search(cmdline)]
 
 
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -90,8 +79,8 @@ def reference_fedavg(cfg_path: Path, silo_world_sizes: dict[int, int],
                      participants: list[set[int]]) -> dict[str, torch.Tensor]:
     """In-process FedAvg of DDP training where round ``r`` aggregates only ``participants[r]``.
 
-    Same arithmetic as tests/integration/test_federation.py's reference (per step, the mean of
-    each rank's gradient; sampler epochs ``r * epochs + e``), generalised to missed rounds.
+    Per step, the mean of each rank's gradient; sampler epochs ``r * epochs + e`` (the suite's
+    one reference: tests/integration/test_federation.py's covers every silo in every round).
     """
     server_cfg = load_config(cfg_path, 0)
     pm = load_plugins()

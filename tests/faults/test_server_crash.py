@@ -5,16 +5,29 @@ had already taken (sent again by its silo when the server comes back online), an
 exact model of an uninterrupted run."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 
 import pytest
 
+from octopusd.server.checkpoint import _read_slot
 from octopusd.testing import Federation
 
-from .helpers import assert_every_round_trained_exactly, count_events, events, wait_for, wait_for_event
+from .helpers import assert_every_round_trained_exactly, count_events, events, wait_for_event
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+
+def _restart_server_to_the_end(fed: Federation, timeout_s: float) -> tuple[list[dict], dict]:
+    """Start the server again and let the run finish (every process exits 0); the new server
+    process's events and its ``server_ready``."""
+    seen = len(events(fed, "server"))
+    fed.start("server", 0)
+    codes = fed.wait_all(timeout_s=timeout_s)
+    assert codes == {"server": 0, "silo1": 0, "silo2": 0}, {n: fed.log_text(n)[-3000:] for n in codes}
+    second = events(fed, "server")[seen:]
+    return second, next(e for e in second if e.get("event") == "server_ready")
 
 
 @pytest.mark.parametrize("crash_round", [0, 1], ids=["before-any-checkpoint", "after-an-aggregation"])
@@ -39,13 +52,7 @@ def test_server_killed_mid_round_resumes_and_matches_an_uninterrupted_run(tmp_pa
 
         # Silo 2 finishes the round and uploads while no server is running.
         wait_for_event(fed, "silo2", "update_sent", 60, round=crash_round)
-        seen = len(events(fed, "server"))
-        fed.start("server", 0)
-        codes = fed.wait_all(timeout_s=150)
-        assert codes == {"server": 0, "silo1": 0, "silo2": 0}, {n: fed.log_text(n)[-3000:] for n in codes}
-
-        second = events(fed, "server")[seen:]
-        ready = next(e for e in second if e.get("event") == "server_ready")
+        second, ready = _restart_server_to_the_end(fed, timeout_s=150)
         assert ready["start_round"] == crash_round and ready["adopted_round"] is True
         assert ready["resumed"] is has_checkpoint
         # The round in flight was adopted, not announced again; both updates were counted.
@@ -73,21 +80,15 @@ def test_server_that_lost_its_disk_catches_up_from_the_retained_announcement(tmp
         os.kill(fed.procs["server"].pid, signal.SIGKILL)
         assert fed.procs["server"].wait(10) == -signal.SIGKILL
         state = fed.run_dir / "state"
-        raw = (state / "checkpoint-0").read_bytes()  # round 0: round 2 was never committed
-        body = raw[44:]  # after the slot header: magic, length, sha256
-        assert b'"round": 0' in body
+        body = _read_slot(state / "checkpoint-0")  # round 0: round 2 was never committed
+        assert body is not None and json.loads(body)["round"] == 0
         s3 = boto3.client("s3", endpoint_url=moto_s3.endpoint_url, region_name="us-east-1",
                           aws_access_key_id="testing", aws_secret_access_key="testing")
         s3.put_object(Bucket="octopusd-test", Key=f"{fed.run_id}/checkpoint.json", Body=body)
         for slot in state.glob("checkpoint-*"):
             slot.unlink()
 
-        seen = len(events(fed, "server"))
-        fed.start("server", 0)
-        codes = fed.wait_all(timeout_s=200)
-        assert codes == {"server": 0, "silo1": 0, "silo2": 0}, {n: fed.log_text(n)[-3000:] for n in codes}
-        second = events(fed, "server")[seen:]
-        ready = next(e for e in second if e.get("event") == "server_ready")
+        second, ready = _restart_server_to_the_end(fed, timeout_s=200)
         assert ready["resumed"] is True and ready["start_round"] == 2 and ready["adopted_round"] is True
         assert any(e.get("event") == "resumed_from_announcement" and e.get("checkpoint_round") == 0
                    for e in second)

@@ -5,58 +5,19 @@ import json
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
 
 from octopusd import codec
-from octopusd.aggregate import weighted_average
-from octopusd.config import load_config
-from octopusd.plugins import load_plugins
 from octopusd.testing import Federation
-from octopusd.trainer.worker import make_optimizer
+
+from ..faults.helpers import reference_fedavg as faults_reference
 
 pytestmark = pytest.mark.integration
 
 
 def reference_fedavg(cfg_path, silo_world_sizes: dict[int, int], rounds: int) -> dict[str, torch.Tensor]:
-    """In-process FedAvg of DDP training: per step, the mean of each rank's gradient."""
-    server_cfg = load_config(cfg_path, 0)
-    pm = load_plugins()
-    data = pm.dataset(server_cfg.data.dataset)(server_cfg)
-    torch.manual_seed(server_cfg.common.random_seed)
-    global_model = pm.model(server_cfg.model.model)(server_cfg, data.output_dim)
-    state = {k: v.clone() for k, v in global_model.state_dict().items()}
-    if rounds == 0:
-        return state
-    loss_fn = torch.nn.CrossEntropyLoss()
-    for r in range(rounds):
-        updates = []
-        for silo, world in silo_world_sizes.items():
-            cfg = load_config(cfg_path, silo)
-            part = data.train_partition(silo)
-            torch.manual_seed(cfg.common.random_seed)
-            model = pm.model(cfg.model.model)(cfg, data.output_dim)
-            model.load_state_dict(state)
-            opt = make_optimizer(cfg, model.parameters())
-            samplers = [DistributedSampler(part, num_replicas=world, rank=k, shuffle=True,
-                                           seed=cfg.common.random_seed) for k in range(world)]
-            for epoch in range(cfg.train.epochs):
-                for s in samplers:
-                    s.set_epoch(r * cfg.train.epochs + epoch)
-                loaders = [DataLoader(part, batch_size=cfg.train.batch_size, sampler=s) for s in samplers]
-                for batches in zip(*loaders):
-                    opt.zero_grad()
-                    grads = None
-                    for x, y in batches:
-                        model.zero_grad()
-                        loss_fn(model(x), y).backward()
-                        g = [p.grad.clone() for p in model.parameters()]
-                        grads = g if grads is None else [a + b for a, b in zip(grads, g)]
-                    for p, g in zip(model.parameters(), grads):
-                        p.grad = g / world
-                    opt.step()
-            updates.append(({k: v.detach().clone() for k, v in model.state_dict().items()}, len(part)))
-        state = weighted_average(updates)
-    return state
+    """In-process FedAvg of DDP training with every silo in every round (see
+    tests/faults/helpers.py for the arithmetic)."""
+    return faults_reference(cfg_path, silo_world_sizes, [set(silo_world_sizes)] * rounds)
 
 
 @pytest.mark.parametrize("transport", ["inline", "s3-and-shared-memory"])

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pickle
 import threading
-import time
 
 import msgpack
 import paho.mqtt.client as paho
